@@ -1,0 +1,77 @@
+"""Crash-safe file output and run metadata shared by the scripts."""
+import contextlib
+import hashlib
+import logging
+import os
+import platform
+import sys
+import tempfile
+from typing import Any, Dict, Iterator
+
+_logger = logging.getLogger(__name__)
+
+
+@contextlib.contextmanager
+def atomic_write(path: str, mode: str = 'wb') -> Iterator[Any]:
+    """Open a temporary file next to ``path``; on success fsync it and rename it over ``path``.
+
+    A crash or exception leaves ``path`` untouched (either absent or the previous complete version).
+    """
+    directory = os.path.dirname(os.path.abspath(path)) or '.'
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix='.' + os.path.basename(path) + '.', suffix='.tmp', dir=directory)
+    try:
+        with os.fdopen(fd, mode) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        fsync_dir(directory)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def fsync_dir(directory: str) -> None:
+    """Persist a rename in ``directory`` (no-op where directories cannot be opened)."""
+    with contextlib.suppress(OSError):
+        fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def sha256_file(path: str, chunk_size: int = 1 << 20) -> str:
+    """Hex sha256 of a file's contents."""
+    h = hashlib.sha256()
+    with open(path, 'rb') as f:
+        for chunk in iter(lambda: f.read(chunk_size), b''):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def software_versions() -> Dict[str, str]:
+    """Versions of the packages that determine results, for metadata files."""
+    import numpy
+    import timm
+    import torch
+    import torchvision
+
+    import dr
+
+    versions = {
+        'python': sys.version.split()[0],
+        'platform': platform.platform(),
+        'dr': dr.__version__,
+        'torch': torch.__version__,
+        'torchvision': torchvision.__version__,
+        'timm': timm.__version__,
+        'numpy': numpy.__version__,
+        'cuda': str(torch.version.cuda),
+    }
+    with contextlib.suppress(Exception):
+        import webdataset
+        versions['webdataset'] = getattr(webdataset, '__version__', 'unknown')
+    return versions

@@ -1,0 +1,148 @@
+"""End-to-end behaviour of train.py on the embedded digits dataset (CPU)."""
+import csv
+import glob
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import yaml
+
+import train
+from dr.checkpoint import load_checkpoint_file
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# A tiny timm ResNet at the digits' native 32 px keeps each epoch to a few seconds on 2 cores.
+BASE = ['--dataset', 'digits', '--model', 'test_resnet', '--workers', '0', '--warmup-epochs', '0',
+        '--lr', '0.2', '--log-interval', '1000']
+
+
+def _run(tmp_path, name, *extra):
+    return train.main(BASE + ['--output', str(tmp_path), '--experiment', name, *extra])
+
+
+def _read_summary(path):
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.mark.slow
+def test_bake_run_learns_and_logs_components(tmp_path):
+    result = _run(tmp_path, 'bake', '--bake', '-b', '64', '--epochs', '3')
+    out = result['output_dir']
+    assert result['last_eval']['top1'] > 60.0, result  # chance is 10%
+    rows = _read_summary(os.path.join(out, 'summary.csv'))
+    assert len(rows) == 3
+    for row in rows:
+        total, ce, bake = (float(row[k]) for k in ('train_loss', 'train_loss_ce', 'train_loss_bake'))
+        assert bake > 0
+        assert total == pytest.approx(ce + bake, rel=1e-4)  # lambda = 1
+    # checkpoints hold the plain model (no wrapper prefix) and load with weights_only
+    ckpt = load_checkpoint_file(os.path.join(out, 'last.pth.tar'))
+    assert 'conv1.weight' in ckpt['state_dict'] or any(k.startswith('stem') for k in ckpt['state_dict'])
+    assert not any(k.startswith(('model.', 'module.')) for k in ckpt['state_dict'])
+    # resolved args reload through the real parser and reproduce the run's settings
+    args, _ = train.parse_args(['--config', os.path.join(out, 'args.yaml')])
+    assert args.bake and args.batch_size == 64 and args.lr == pytest.approx(0.2) and args.epochs == 3
+    with open(os.path.join(out, 'versions.json')) as f:
+        assert json.load(f)['timm']
+
+
+def _state(path):
+    ckpt = load_checkpoint_file(path)
+    return ckpt
+
+
+@pytest.mark.slow
+def test_resume_continues_bit_for_bit(tmp_path):
+    common = ['--bake', '-b', '32', '--epochs', '3', '--model-ema', '--model-ema-decay', '0.9', '--sched', 'cosine',
+              '--hflip', '0.5', '--reprob', '0.25']
+    _run(tmp_path, 'straight', *common)
+    _run(tmp_path, 'interrupted', *common, '--stop-epoch', '2')
+    first = _state(os.path.join(tmp_path, 'interrupted', 'last.pth.tar'))
+    assert first['epoch'] == 1
+    _run(tmp_path, 'interrupted', *common, '--resume', os.path.join(tmp_path, 'interrupted', 'last.pth.tar'))
+    a = _state(os.path.join(tmp_path, 'straight', 'last.pth.tar'))
+    b = _state(os.path.join(tmp_path, 'interrupted', 'last.pth.tar'))
+    assert a['epoch'] == b['epoch'] == 2
+    for key in ('state_dict', 'state_dict_ema'):
+        assert a[key].keys() == b[key].keys()
+        for k in a[key]:
+            assert torch.equal(a[key][k], b[key][k]), f'{key}.{k} differs after resume'
+    for sa, sb in zip(a['optimizer']['state'].values(), b['optimizer']['state'].values()):
+        assert torch.equal(sa['momentum_buffer'], sb['momentum_buffer'])
+    rows_a = _read_summary(os.path.join(tmp_path, 'straight', 'summary.csv'))
+    rows_b = _read_summary(os.path.join(tmp_path, 'interrupted', 'summary.csv'))
+    assert [r['train_loss'] for r in rows_a] == [r['train_loss'] for r in rows_b]
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_torchrun_two_process_bake_global(tmp_path):
+    cmd = [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node=2', '--master_port=29511',
+           os.path.join(ROOT, 'train.py'), *BASE, '--bake', '--bake-global', '-b', '32', '--epochs', '2',
+           '--output', str(tmp_path), '--experiment', 'ddp']
+    env = dict(os.environ, OMP_NUM_THREADS='1')
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    with open(os.path.join(tmp_path, 'ddp', 'results.json')) as f:
+        result = json.load(f)
+    assert result['last_eval']['top1'] > 20.0
+    rows = _read_summary(os.path.join(tmp_path, 'ddp', 'summary.csv'))
+    assert len(rows) == 2 and float(rows[-1]['train_loss_bake']) > 0
+    assert 'Distributed training: process 0 of 2' in proc.stdout + proc.stderr
+
+
+@pytest.mark.slow
+def test_wandb_offline_run_has_metrics(tmp_path, monkeypatch):
+    monkeypatch.setenv('WANDB_MODE', 'offline')
+    monkeypatch.setenv('WANDB_SILENT', 'true')
+    result = _run(tmp_path, 'wb', '--bake', '-b', '64', '--epochs', '1', '--log-wandb', '--wandb-project', 'dr-test',
+                  '--wandb-tags', 'ci', 'bake')
+    out = result['output_dir']
+    with open(os.path.join(out, 'wandb_run_id.txt')) as f:
+        run_id = f.read().strip()
+    runs = glob.glob(os.path.join(out, 'wandb', f'offline-run-*-{run_id}', f'run-{run_id}.wandb'))
+    assert runs, os.listdir(os.path.join(out, 'wandb'))
+    with open(runs[0], 'rb') as f:
+        blob = f.read()
+    for metric in (b'train_loss_bake', b'train_loss_ce', b'eval_top1'):
+        assert metric in blob
+
+
+def test_unknown_yaml_key_is_named(tmp_path, capsys):
+    cfg = tmp_path / 'bad.yaml'
+    cfg.write_text(yaml.safe_dump({'model': 'test_resnet', 'bake_omegaa': 0.3}))
+    with pytest.raises(SystemExit):
+        train.parse_args(['--config', str(cfg)])
+    err = capsys.readouterr().err
+    assert 'bake_omegaa' in err and str(cfg) in err
+
+
+def test_yaml_config_gives_defaults_and_cli_overrides(tmp_path):
+    cfg = tmp_path / 'ok.yaml'
+    cfg.write_text('bake: true\nbake-omega: 0.3\nbatch_size: 64\nlr_base: 0.2\n')
+    args, text = train.parse_args(['--config', str(cfg), '--bake-omega', '0.7'])
+    assert args.bake and args.batch_size == 64 and args.lr_base == 0.2
+    assert args.bake_omega == 0.7
+    assert yaml.safe_load(text)['bake_omega'] == 0.7
+
+
+def test_indivisible_batch_size_is_rejected(capsys):
+    with pytest.raises(SystemExit):
+        train.parse_args(['--bake', '-b', '63', '--bake-intra', '1'])
+    err = capsys.readouterr().err
+    assert '--batch-size' in err and '--bake-intra' in err and '63' in err
+    # 64 is fine with M=1 but not with M=2 (groups of 3)
+    train.parse_args(['--bake', '-b', '64', '--bake-intra', '1'])
+    with pytest.raises(SystemExit):
+        train.parse_args(['--bake', '-b', '64', '--bake-intra', '2'])
+
+
+def test_conflicting_modes_are_rejected(capsys):
+    with pytest.raises(SystemExit):
+        train.parse_args(['--bake', '--reinforced', '/nonexistent'])
+    assert '--bake' in capsys.readouterr().err

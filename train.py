@@ -1,0 +1,676 @@
+#!/usr/bin/env python3
+"""Image classification training with BAKE self-distillation and reinforced datasets, in the timm style.
+
+Plain training, BAKE (``--bake``), training on reinforced WebDataset shards (``--reinforced``) and online
+knowledge distillation (``--kd-teacher``) share one loop built from timm pieces (models, transforms, optimizers,
+schedulers, EMA, checkpoint saver) and ``timm.task`` training tasks.
+
+    python train.py --dataset digits --model resnet18 --img-size 32 -b 64 --epochs 10 --bake
+    torchrun --nproc_per_node=8 train.py /data/imagenet --config hparams/bake/in1k/resnet50_bake.yaml
+"""
+import argparse
+import json
+import logging
+import math
+import os
+import time
+from collections import OrderedDict
+from contextlib import nullcontext
+from datetime import datetime
+from typing import Any, Dict, Optional, Sequence, Tuple
+
+import torch
+import torch.nn as nn
+from timm import utils
+from timm.data import Mixup, create_loader, create_transform, resolve_data_config
+from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+from timm.models import create_model, safe_model_name
+from timm.optim import create_optimizer_v2, optimizer_kwargs
+from timm.scheduler import create_scheduler_v2, scheduler_kwargs
+from timm.task import ClassificationTask, evaluation_sample_limit, load_task_ema_checkpoint, resume_task_checkpoint
+from timm.utils import CheckpointSaver, NativeScaler
+
+from dr import config as dr_config
+from dr import data as dr_data
+from dr.io import atomic_write, software_versions
+from dr.loaders import DeviceLoader, create_train_loader, resolve_input_size, seed_everything_for_epoch
+
+_logger = logging.getLogger('train')
+
+
+def create_parser() -> Tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
+    """The ``--config`` pre-parser and the full argument parser."""
+    config_parser = dr_config.create_config_parser()
+    parser = argparse.ArgumentParser(description='BAKE / reinforced-data image classification training')
+
+    group = parser.add_argument_group('Dataset parameters')
+    group.add_argument('data_dir', metavar='DIR', nargs='?', default=None,
+                       help='path to dataset root (ImageFolder layout or shards); not needed for digits')
+    group.add_argument('--dataset', metavar='NAME', default='digits',
+                       help='dataset: "digits" (embedded), "" for an ImageFolder at DIR, or a timm prefix '
+                            '(wds/, hfds/, tfds/, torch/) (default: digits)')
+    group.add_argument('--train-split', metavar='NAME', default='train', help='dataset train split (default: train)')
+    group.add_argument('--val-split', metavar='NAME', default='validation',
+                       help='dataset validation split (default: validation); "" disables evaluation')
+    group.add_argument('--digits-size', type=int, default=dr_data.DIGITS_DEFAULT_SIZE, metavar='N',
+                       help='side of the upsampled digits images (default: 32)')
+    group.add_argument('--class-map', default='', type=str, metavar='FILENAME',
+                       help='path to class to idx mapping file (timm datasets)')
+    group.add_argument('--input-img-mode', default=None, type=str, help='dataset image conversion mode')
+
+    group = parser.add_argument_group('Model parameters')
+    group.add_argument('--model', default='resnet18', type=str, metavar='MODEL',
+                       help='name of a timm model to train (default: resnet18)')
+    group.add_argument('--pretrained', action='store_true', default=False,
+                       help='start with pretrained weights (timm hub / --pretrained-path)')
+    group.add_argument('--pretrained-path', default=None, type=str,
+                       help='load this checkpoint as the pretrained weights (classifier adapted by timm)')
+    group.add_argument('--initial-checkpoint', default='', type=str, metavar='PATH',
+                       help='load model weights from this checkpoint (weights_only) before training')
+    group.add_argument('--resume', default='', type=str, metavar='PATH',
+                       help='resume model, optimizer, scaler, EMA, epoch and sampler state from a checkpoint')
+    group.add_argument('--no-resume-opt', action='store_true', default=False,
+                       help='do not restore the optimizer state when resuming')
+    group.add_argument('--num-classes', type=int, default=None, metavar='N',
+                       help='number of label classes (default: from the dataset / reinforced shards)')
+    group.add_argument('--gp', default=None, type=str, metavar='POOL',
+                       help='global pool type override (fast, avg, max, avgmax, avgmaxc)')
+    group.add_argument('--img-size', type=int, default=None, metavar='N',
+                       help='image size (default: digits-size for digits, else the model default)')
+    group.add_argument('--in-chans', type=int, default=None, metavar='N', help='image input channels')
+    group.add_argument('--input-size', default=None, nargs=3, type=int, metavar='N',
+                       help='input dimensions (C H W), overrides --img-size')
+    group.add_argument('--crop-pct', default=None, type=float, metavar='N', help='eval center crop percentage')
+    group.add_argument('--mean', type=float, nargs='+', default=None, metavar='MEAN', help='dataset pixel mean')
+    group.add_argument('--std', type=float, nargs='+', default=None, metavar='STD', help='dataset pixel std')
+    group.add_argument('--interpolation', default='', type=str, metavar='NAME', help='resize interpolation')
+    group.add_argument('-b', '--batch-size', type=int, default=128, metavar='N',
+                       help='images per batch per process, pals included under --bake (default: 128)')
+    group.add_argument('-vb', '--validation-batch-size', type=int, default=None, metavar='N',
+                       help='validation batch size (default: --batch-size)')
+    group.add_argument('--channels-last', action='store_true', default=False, help='use channels_last memory layout')
+    group.add_argument('--grad-accum-steps', type=int, default=1, metavar='N',
+                       help='number of steps to accumulate gradients over (default: 1)')
+    group.add_argument('--model-kwargs', nargs='*', default=[], metavar='KEY=VALUE',
+                       help='extra create_model kwargs, values parsed as YAML scalars')
+    group.add_argument('--drop', type=float, default=0.0, metavar='PCT', help='dropout rate (default: 0.)')
+    group.add_argument('--drop-path', type=float, default=None, metavar='PCT', help='drop path rate (default: None)')
+    group.add_argument('--sync-bn', action='store_true', default=False,
+                       help='synchronised BatchNorm across processes (CUDA only; recommended with --bake)')
+    group.add_argument('--torchcompile', nargs='?', type=str, default=None, const='inductor',
+                       help='torch.compile the model with this backend (default when given: inductor)')
+
+    group = parser.add_argument_group('Precision parameters')
+    group.add_argument('--amp', action='store_true', default=False, help='mixed precision with torch.autocast')
+    group.add_argument('--amp-dtype', default='float16', type=str, choices=('float16', 'bfloat16'),
+                       help='autocast dtype (default: float16; bfloat16 on CPU)')
+
+    group = parser.add_argument_group('Optimizer parameters')
+    group.add_argument('--opt', default='sgd', type=str, metavar='OPTIMIZER', help='optimizer (default: sgd)')
+    group.add_argument('--opt-eps', default=None, type=float, metavar='EPSILON', help='optimizer epsilon')
+    group.add_argument('--opt-betas', default=None, type=float, nargs='+', metavar='BETA', help='optimizer betas')
+    group.add_argument('--momentum', type=float, default=0.9, metavar='M', help='optimizer momentum (default: 0.9)')
+    group.add_argument('--weight-decay', type=float, default=1e-4, help='weight decay (default: 1e-4)')
+    group.add_argument('--clip-grad', type=float, default=None, metavar='NORM', help='clip gradient norm/value')
+    group.add_argument('--clip-mode', type=str, default='norm', help='gradient clipping mode: norm, value, agc')
+    group.add_argument('--layer-decay', type=float, default=None, help='layer-wise learning rate decay')
+
+    group = parser.add_argument_group('Learning rate schedule parameters')
+    group.add_argument('--sched', type=str, default='cosine', metavar='SCHEDULER',
+                       help='LR scheduler (cosine, step, multistep, plateau, tanh, poly; default: cosine)')
+    group.add_argument('--sched-on-updates', action='store_true', default=False,
+                       help='apply the LR schedule per optimizer update instead of per epoch')
+    group.add_argument('--lr', type=float, default=None, metavar='LR',
+                       help='learning rate (default: lr-base * global batch / lr-base-size)')
+    group.add_argument('--lr-base', type=float, default=0.1, metavar='LR',
+                       help='base learning rate for --lr-base-size images per step (default: 0.1)')
+    group.add_argument('--lr-base-size', type=int, default=256, metavar='DIV',
+                       help='global batch size the base learning rate refers to (default: 256)')
+    group.add_argument('--lr-base-scale', type=str, default='linear', choices=('linear', 'sqrt'),
+                       help='how lr scales with the global batch (default: linear)')
+    group.add_argument('--warmup-lr', type=float, default=1e-5, metavar='LR', help='warmup start lr (default: 1e-5)')
+    group.add_argument('--min-lr', type=float, default=0.0, metavar='LR', help='lower lr bound (default: 0)')
+    group.add_argument('--epochs', type=int, default=100, metavar='N', help='number of epochs (default: 100)')
+    group.add_argument('--start-epoch', default=None, type=int, metavar='N', help='manual epoch number')
+    group.add_argument('--stop-epoch', default=None, type=int, metavar='N',
+                       help='leave after finishing epoch N-1 (checkpointed) as if interrupted; the schedule still '
+                            'spans --epochs, so a later --resume continues exactly (time-limited jobs)')
+    group.add_argument('--decay-milestones', default=[90, 180, 270], type=int, nargs='+', metavar='MILESTONES',
+                       help='epochs of the multistep decays')
+    group.add_argument('--decay-epochs', type=float, default=90, metavar='N', help='epoch interval of step decay')
+    group.add_argument('--decay-rate', '--dr', type=float, default=0.1, metavar='RATE', help='LR decay rate')
+    group.add_argument('--warmup-epochs', type=int, default=5, metavar='N', help='warmup epochs (default: 5)')
+    group.add_argument('--warmup-prefix', action='store_true', default=False,
+                       help='exclude warmup from the decay schedule')
+    group.add_argument('--cooldown-epochs', type=int, default=0, metavar='N', help='epochs at min-lr after decay')
+
+    group = parser.add_argument_group('Augmentation and regularization parameters')
+    group.add_argument('--no-aug', action='store_true', default=False, help='disable all training augmentation')
+    group.add_argument('--scale', type=float, nargs=2, default=[0.08, 1.0], metavar='PCT',
+                       help='random resized crop area range')
+    group.add_argument('--ratio', type=float, nargs=2, default=[3. / 4., 4. / 3.], metavar='RATIO',
+                       help='random resized crop aspect ratio range')
+    group.add_argument('--hflip', type=float, default=0.5, help='horizontal flip probability')
+    group.add_argument('--vflip', type=float, default=0., help='vertical flip probability')
+    group.add_argument('--color-jitter', type=float, default=0.4, metavar='PCT', help='color jitter factor')
+    group.add_argument('--aa', type=str, default=None, metavar='NAME',
+                       help='AutoAugment policy, e.g. "rand-m9-mstd0.5-inc1" (default: None)')
+    group.add_argument('--reprob', type=float, default=0., metavar='PCT', help='random erase prob (default: 0.)')
+    group.add_argument('--remode', type=str, default='pixel', help='random erase mode (default: pixel)')
+    group.add_argument('--recount', type=int, default=1, help='random erase count (default: 1)')
+    group.add_argument('--mixup', type=float, default=0.0, help='mixup alpha, mixup enabled if > 0')
+    group.add_argument('--cutmix', type=float, default=0.0, help='cutmix alpha, cutmix enabled if > 0')
+    group.add_argument('--cutmix-minmax', type=float, nargs='+', default=None, help='cutmix min/max ratio')
+    group.add_argument('--mixup-prob', type=float, default=1.0, help='probability of applying mixup or cutmix')
+    group.add_argument('--mixup-switch-prob', type=float, default=0.5, help='probability of switching to cutmix')
+    group.add_argument('--mixup-mode', type=str, default='batch', help='mixup mode: batch, pair or elem')
+    group.add_argument('--mixup-off-epoch', default=0, type=int, metavar='N', help='turn off mixup after epoch N')
+    group.add_argument('--smoothing', type=float, default=0.0, help='label smoothing (default: 0.0)')
+    group.add_argument('--train-interpolation', type=str, default='random', help='training interpolation')
+
+    group = parser.add_argument_group('Model exponential moving average parameters')
+    group.add_argument('--model-ema', action='store_true', default=False, help='track an EMA of the weights')
+    group.add_argument('--model-ema-decay', type=float, default=0.9998, help='EMA decay (default: 0.9998)')
+    group.add_argument('--model-ema-warmup', action='store_true', help='warm up the EMA decay')
+
+    group = parser.add_argument_group('BAKE (batch knowledge ensembling) parameters')
+    group.add_argument('--bake', action='store_true', default=False, help='train with BAKE self-distillation')
+    group.add_argument('--bake-omega', type=float, default=0.5, help='propagation weight omega (default: 0.5)')
+    group.add_argument('--bake-temp', type=float, default=4.0, help='softmax temperature tau (default: 4.0)')
+    group.add_argument('--bake-weight', type=float, default=1.0, help='loss weight lambda (default: 1.0)')
+    group.add_argument('--bake-intra', type=int, default=1, metavar='M',
+                       help='same-class images sampled with each anchor (default: 1)')
+    group.add_argument('--bake-knowledge', type=str, default='preds', choices=('preds', 'labels'),
+                       help='ensemble predictions or one-hot labels (Table 14 ablation) (default: preds)')
+    group.add_argument('--bake-one-step', action='store_true', default=False,
+                       help='one propagation step instead of the closed form (Fig. 4 ablation)')
+    group.add_argument('--bake-global', action=argparse.BooleanOptionalAction, default=True,
+                       help='under DDP ensemble over the global batch of all ranks (default: on)')
+
+    group = parser.add_argument_group('Reinforced data and knowledge distillation parameters')
+    group.add_argument('--reinforced', type=str, default=None, metavar='DIR_OR_URLS',
+                       help='train on reinforced WebDataset shards (dir, brace pattern or URL)')
+    group.add_argument('--rd-densify', type=str, default='smooth', choices=('smooth', 'renorm'),
+                       help='dense target from the stored top-k: spread the residual (smooth) or renormalise')
+    group.add_argument('--rd-loss', type=str, default='kl', help='reinforced-data loss (kl)')
+    group.add_argument('--rd-gt-weight', type=float, default=0.0, help='weight of an extra CE on the labels')
+    group.add_argument('--rd-p', type=float, default=1.0,
+                       help='probability a sample uses a stored reinforcement (else the plain transform)')
+    group.add_argument('--rd-shuffle-buffer', type=int, default=1000, help='sample shuffle buffer size')
+    group.add_argument('--kd-teacher', type=str, nargs='+', default=None, metavar='NAME[=CKPT]',
+                       help='online knowledge distillation from this teacher (ensemble) (Fig. 1 baseline)')
+    group.add_argument('--kd-weight', type=float, default=1.0, help='distillation loss weight (default: 1.0)')
+    group.add_argument('--kd-task-weight', type=float, default=0.0,
+                       help='cross-entropy weight next to distillation (default: 0.0, pure KD as in the paper)')
+    group.add_argument('--kd-temp', type=float, default=1.0, help='distillation temperature (default: 1.0)')
+
+    group = parser.add_argument_group('Miscellaneous parameters')
+    group.add_argument('--seed', type=int, default=42, metavar='S', help='random seed (default: 42)')
+    group.add_argument('--log-interval', type=int, default=50, metavar='N', help='batches between log lines')
+    group.add_argument('--recovery-interval', type=int, default=0, metavar='N',
+                       help='batches between recovery checkpoints (0: off)')
+    group.add_argument('--checkpoint-hist', type=int, default=10, metavar='N', help='checkpoints to keep')
+    group.add_argument('-j', '--workers', type=int, default=2, metavar='N', help='data loading processes')
+    group.add_argument('--pin-mem', action='store_true', default=False, help='pin CPU memory in the loader')
+    group.add_argument('--output', default='output/train', type=str, metavar='PATH',
+                       help='root folder of the run folders (default: output/train)')
+    group.add_argument('--experiment', default='', type=str, metavar='NAME',
+                       help='run folder name under --output (default: date-model-mode)')
+    group.add_argument('--eval-metric', default='top1', type=str, metavar='EVAL_METRIC',
+                       help='metric picking the best checkpoint (default: top1)')
+    group.add_argument('--device', default=None, type=str, help='device (default: cuda if available else cpu)')
+    group.add_argument('--no-prefetcher', action='store_true', default=False,
+                       help='disable the CUDA prefetch/normalise loader')
+    group.add_argument('--log-wandb', action='store_true', default=False, help='log to Weights & Biases')
+    group.add_argument('--wandb-project', default='dr', type=str, help='wandb project (default: dr)')
+    group.add_argument('--wandb-tags', default=[], type=str, nargs='+', help='wandb tags')
+    group.add_argument('--wandb-resume-id', default='', type=str, help='explicit wandb run id to resume')
+    return config_parser, parser
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> Tuple[argparse.Namespace, str]:
+    """Parse ``argv`` with YAML defaults from ``--config``; returns (args, resolved args as YAML)."""
+    config_parser, parser = create_parser()
+    args, args_text = dr_config.parse_args(parser, config_parser, argv)
+    _check_args(parser, args)
+    args._parser = parser
+    return args, args_text
+
+
+def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Flag combinations that cannot work, reported before any work starts."""
+    if args.bake:
+        from dr.samplers import check_batch_size
+        try:
+            check_batch_size(args.batch_size, args.bake_intra)
+        except ValueError as e:
+            parser.error(str(e))
+        if args.reinforced or args.kd_teacher:
+            parser.error('--bake cannot be combined with --reinforced or --kd-teacher')
+    if args.reinforced and args.kd_teacher:
+        parser.error('--reinforced and --kd-teacher are alternatives; pass one')
+    if args.reinforced and (args.mixup > 0 or args.cutmix > 0 or args.cutmix_minmax is not None):
+        parser.error('--mixup/--cutmix are not supported with --reinforced (targets come from the shards)')
+    if args.rd_loss != 'kl':
+        parser.error(f'--rd-loss {args.rd_loss!r} is not supported (only "kl")')
+    if not 0.0 <= args.rd_p <= 1.0:
+        parser.error(f'--rd-p must be in [0, 1], got {args.rd_p}')
+    if args.grad_accum_steps < 1:
+        parser.error('--grad-accum-steps must be >= 1')
+
+
+def _setup_logging(rank: int) -> None:
+    level = logging.INFO if rank == 0 else logging.WARNING
+    if logging.getLogger().handlers:  # already configured (e.g. several runs in one process, as the demo does)
+        logging.getLogger().setLevel(level)
+        return
+    utils.setup_default_logging(default_level=level)
+
+
+def _amp_context(args: argparse.Namespace, device: torch.device):
+    if not args.amp:
+        return nullcontext
+    dtype = torch.bfloat16 if (args.amp_dtype == 'bfloat16' or device.type == 'cpu') else torch.float16
+    return lambda: torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def _resolve_lr(args: argparse.Namespace) -> None:
+    if args.lr is None:
+        global_batch = args.batch_size * args.world_size * args.grad_accum_steps
+        ratio = global_batch / args.lr_base_size
+        if args.lr_base_scale == 'sqrt':
+            ratio = ratio ** 0.5
+        args.lr = args.lr_base * ratio
+        _logger.info(f'Learning rate ({args.lr:.6g}) = lr-base ({args.lr_base}) x {args.lr_base_scale} '
+                     f'scaling of global batch {global_batch} / {args.lr_base_size}')
+
+
+def _output_dir(args: argparse.Namespace) -> str:
+    if not args.experiment:
+        mode = 'bake' if args.bake else 'rd' if args.reinforced else 'kd' if args.kd_teacher else 'plain'
+        args.experiment = '-'.join([datetime.now().strftime('%Y%m%d-%H%M%S'), safe_model_name(args.model), mode])
+    out = os.path.join(args.output, args.experiment)
+    os.makedirs(out, exist_ok=True)
+    return out
+
+
+def _create_criterion(args: argparse.Namespace, mixup_active: bool) -> nn.Module:
+    if mixup_active:
+        return SoftTargetCrossEntropy()
+    if args.smoothing > 0:
+        return LabelSmoothingCrossEntropy(smoothing=args.smoothing)
+    return nn.CrossEntropyLoss()
+
+
+def create_task(args: argparse.Namespace, model: nn.Module, criterion: nn.Module, device: torch.device,
+                rd_meta: Optional[Dict[str, Any]] = None) -> nn.Module:
+    """The timm training task for the chosen mode (BAKE, reinforced data, online KD or plain)."""
+    if args.bake:
+        from dr.bake import BakeTask
+        return BakeTask(
+            model, criterion=criterion, omega=args.bake_omega, temperature=args.bake_temp, weight=args.bake_weight,
+            knowledge=args.bake_knowledge, one_step=args.bake_one_step, global_ensemble=args.bake_global,
+            num_classes=args.num_classes, device=device, verbose=args.rank == 0)
+    if args.reinforced:
+        from dr.rd_task import ReinforcedTask
+        return ReinforcedTask(model, loss=args.rd_loss, gt_weight=args.rd_gt_weight, device=device,
+                              verbose=args.rank == 0)
+    if args.kd_teacher:
+        from timm.task import LogitDistillationTask
+
+        from dr.teachers import create_teacher
+        teacher = create_teacher(args.kd_teacher, num_classes=args.num_classes, pretrained=args.pretrained,
+                                 device=device)
+        cfg = model.pretrained_cfg
+        teacher.set_input_norm(args.data_config['mean'], args.data_config['std'], args.data_config['input_size'])
+        model.pretrained_cfg = dict(cfg, mean=tuple(args.data_config['mean']), std=tuple(args.data_config['std']))
+        return LogitDistillationTask(
+            model, teacher, criterion=criterion, distill_loss_weight=args.kd_weight,
+            task_loss_weight=args.kd_task_weight, temperature=args.kd_temp, device=device, verbose=args.rank == 0)
+    return ClassificationTask(model, criterion=criterion, device=device, verbose=args.rank == 0)
+
+
+def _create_datasets(args: argparse.Namespace):
+    common = dict(class_map=args.class_map, batch_size=args.batch_size, seed=args.seed)
+    if args.input_img_mode:
+        common['input_img_mode'] = args.input_img_mode
+    train = None
+    if not args.reinforced:
+        train = dr_data.create_dataset(args.dataset, root=args.data_dir, split=args.train_split, is_training=True,
+                                       digits_size=args.digits_size, **common)
+    val = None
+    if args.val_split:
+        val = dr_data.create_dataset(args.dataset, root=args.data_dir, split=args.val_split, is_training=False,
+                                     digits_size=args.digits_size, **common)
+    return train, val
+
+
+def _infer_num_classes(args: argparse.Namespace, train_ds, val_ds, rd_meta) -> int:
+    if rd_meta is not None:
+        return int(rd_meta['num_classes'])
+    for ds in (train_ds, val_ds):
+        if ds is None:
+            continue
+        classes = dr_data.dataset_classes(ds)
+        if classes:
+            return len(classes)
+    raise ValueError('--num-classes is required for this dataset (its classes cannot be listed)')
+
+
+def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
+    """Train; returns the final summary (best metric, output dir, last eval metrics)."""
+    args, _ = parse_args(argv)
+    parser = vars(args).pop('_parser')
+    if args.device is None:
+        args.device = 'cuda' if torch.cuda.is_available() else 'cpu'
+    device = utils.init_distributed_device(args)
+    _setup_logging(args.rank)
+    if args.distributed:
+        _logger.info(f'Distributed training: process {args.rank} of {args.world_size} on {device}')
+    utils.random_seed(args.seed, 0)  # identical model init on every rank
+
+    rd_meta = None
+    if args.reinforced:
+        from dr.rd_loader import check_reinforced
+        rd_meta = check_reinforced(args.reinforced, args.num_classes)
+    train_ds, val_ds = _create_datasets(args)
+    if args.num_classes is None:
+        args.num_classes = _infer_num_classes(args, train_ds, val_ds, rd_meta)
+    if args.img_size is None and args.input_size is None:
+        if dr_data.is_digits(args.dataset):
+            args.img_size = args.digits_size
+        elif rd_meta is not None and rd_meta.get('image_size'):
+            args.img_size = int(rd_meta['image_size'])
+
+    model_kwargs = dr_config.parse_key_values(args.model_kwargs, '--model-kwargs')
+    if args.in_chans is not None:
+        model_kwargs['in_chans'] = args.in_chans
+    if args.pretrained_path:
+        model_kwargs['pretrained_cfg_overlay'] = dict(file=args.pretrained_path, num_classes=-1)
+    model = create_model(args.model, pretrained=args.pretrained, num_classes=args.num_classes, drop_rate=args.drop,
+                         drop_path_rate=args.drop_path, global_pool=args.gp, **model_kwargs)
+    if args.initial_checkpoint:
+        from dr.checkpoint import load_model_weights
+        load_model_weights(model, args.initial_checkpoint)
+    if args.rank == 0:
+        _logger.info(f'Model {safe_model_name(args.model)} created, '
+                     f'param count: {sum(p.numel() for p in model.parameters()):,}')
+    data_config = resolve_data_config(vars(args), model=model, verbose=args.rank == 0)
+    args.data_config = {k: list(v) if isinstance(v, tuple) else v for k, v in data_config.items()}
+
+    model.to(device)
+    if args.channels_last:
+        model.to(memory_format=torch.channels_last)
+    if args.sync_bn and args.distributed:
+        if device.type != 'cuda':
+            raise ValueError('--sync-bn needs CUDA devices (torch SyncBatchNorm does not run on CPU)')
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    elif args.bake and args.distributed and device.type == 'cuda' and args.rank == 0:
+        _logger.warning('BAKE with per-GPU BatchNorm: the paper (Table 15) recommends --sync-bn')
+
+    _resolve_lr(args)
+    mixup_active = (args.mixup > 0 or args.cutmix > 0 or args.cutmix_minmax is not None)
+    criterion = _create_criterion(args, mixup_active)
+    task = create_task(args, model, criterion, device, rd_meta)
+    task.to(device)
+    optimizer = create_optimizer_v2(model, **optimizer_kwargs(cfg=args))
+
+    amp_autocast = _amp_context(args, device)
+    loss_scaler = None
+    if args.amp and device.type == 'cuda' and args.amp_dtype == 'float16':
+        loss_scaler = NativeScaler(device=device.type)
+
+    resume_epoch = None
+    if args.resume:
+        resume_epoch = resume_task_checkpoint(task, args.resume, optimizer=None if args.no_resume_opt else optimizer,
+                                              loss_scaler=loss_scaler, log_info=args.rank == 0)
+    if args.model_ema:
+        task.setup_ema(decay=args.model_ema_decay, use_warmup=args.model_ema_warmup, device=device)
+        if args.resume:
+            load_task_ema_checkpoint(task, args.resume)
+    if args.torchcompile:
+        task.compile(backend=args.torchcompile)
+        if args.model_ema:
+            task.compile_ema(backend=args.torchcompile)
+    if args.distributed:
+        task.prepare_distributed(device_ids=[device.index] if device.type == 'cuda' else None)
+
+    # data
+    input_size = resolve_input_size(data_config)
+    use_prefetcher = device.type == 'cuda' and not args.no_prefetcher
+    mixup_fn = None
+    if mixup_active:
+        mixup_fn = Mixup(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, cutmix_minmax=args.cutmix_minmax,
+                         prob=args.mixup_prob, switch_prob=args.mixup_switch_prob, mode=args.mixup_mode,
+                         label_smoothing=args.smoothing, num_classes=args.num_classes)
+    train_interpolation = args.train_interpolation
+    if args.no_aug or not train_interpolation:
+        train_interpolation = data_config['interpolation']
+    train_transform = create_transform(
+        input_size, is_training=True, no_aug=args.no_aug, scale=args.scale, ratio=args.ratio, hflip=args.hflip,
+        vflip=args.vflip, color_jitter=args.color_jitter, auto_augment=args.aa, interpolation=train_interpolation,
+        mean=data_config['mean'], std=data_config['std'], re_prob=args.reprob, re_mode=args.remode,
+        re_count=args.recount)
+    if args.reinforced:
+        from dr.rd_loader import create_reinforced_loader
+        train_loader = create_reinforced_loader(
+            args.reinforced, rd_meta, batch_size=args.batch_size, num_workers=args.workers, input_size=input_size,
+            mean=data_config['mean'], std=data_config['std'], interpolation=data_config['interpolation'],
+            rd_p=args.rd_p, rd_densify=args.rd_densify, fallback_transform=train_transform,
+            num_classes=args.num_classes, seed=args.seed, rank=args.rank, world_size=args.world_size,
+            shuffle_buffer=args.rd_shuffle_buffer, device=device, pin_memory=args.pin_mem)
+    elif isinstance(train_ds, torch.utils.data.IterableDataset):
+        if args.bake:
+            raise ValueError(f'--bake needs a map-style dataset with known labels; --dataset {args.dataset!r} '
+                             f'streams (use an ImageFolder, digits or torch/ dataset)')
+        train_loader = create_loader(
+            train_ds, input_size=input_size, batch_size=args.batch_size, is_training=True, no_aug=args.no_aug,
+            scale=args.scale, ratio=args.ratio, hflip=args.hflip, vflip=args.vflip, color_jitter=args.color_jitter,
+            auto_augment=args.aa, interpolation=train_interpolation, mean=data_config['mean'], std=data_config['std'],
+            re_prob=args.reprob, re_mode=args.remode, re_count=args.recount, num_workers=args.workers,
+            distributed=args.distributed, pin_memory=args.pin_mem, device=device, use_prefetcher=use_prefetcher)
+    else:
+        sampler = None
+        if args.bake:
+            from dr.samplers import ClassAwareSampler
+            sampler = ClassAwareSampler(dr_data.dataset_targets(train_ds), num_intra=args.bake_intra,
+                                        num_replicas=args.world_size, rank=args.rank, shuffle=True, seed=args.seed)
+        train_loader = DeviceLoader(
+            create_train_loader(train_ds, train_transform, args.batch_size, sampler=sampler,
+                                num_replicas=args.world_size, rank=args.rank, seed=args.seed,
+                                num_workers=args.workers, pin_memory=args.pin_mem),
+            device, channels_last=args.channels_last)
+
+    eval_loader = None
+    if val_ds is not None:
+        eval_loader = create_loader(
+            val_ds, input_size=input_size, batch_size=args.validation_batch_size or args.batch_size,
+            is_training=False, interpolation=data_config['interpolation'], mean=data_config['mean'],
+            std=data_config['std'], num_workers=args.workers, distributed=args.distributed,
+            crop_pct=data_config['crop_pct'], pin_memory=args.pin_mem, device=device, use_prefetcher=use_prefetcher)
+
+    # schedule and outputs
+    updates_per_epoch = (len(train_loader) + args.grad_accum_steps - 1) // args.grad_accum_steps
+    lr_scheduler, num_epochs = create_scheduler_v2(
+        optimizer, **scheduler_kwargs(args, decreasing_metric='loss' in args.eval_metric),
+        updates_per_epoch=updates_per_epoch)
+    start_epoch = 0
+    if args.start_epoch is not None:
+        start_epoch = args.start_epoch
+    elif resume_epoch is not None:
+        start_epoch = resume_epoch
+    if lr_scheduler is not None and start_epoch > 0:
+        if args.sched_on_updates:
+            lr_scheduler.step_update(start_epoch * updates_per_epoch)
+        else:
+            lr_scheduler.step(start_epoch)
+
+    output_dir = None
+    saver = None
+    if args.rank == 0:
+        output_dir = _output_dir(args)
+        dr_config.save_args_yaml(dr_config.args_to_yaml(args, parser), output_dir)
+        with atomic_write(os.path.join(output_dir, 'versions.json'), 'w') as f:
+            json.dump(software_versions(), f, indent=2)
+        saver = CheckpointSaver(model=model, optimizer=optimizer, args=args, amp_scaler=loss_scaler,
+                                checkpoint_dir=output_dir, recovery_dir=output_dir,
+                                decreasing='loss' in args.eval_metric, max_history=args.checkpoint_hist, task=task)
+        if args.resume and os.path.dirname(os.path.abspath(args.resume)) == os.path.abspath(output_dir):
+            saver.load_state_dict_from_checkpoint(args.resume)
+        if args.log_wandb:
+            from dr.wandb_logger import init_wandb
+            init_wandb(output_dir, args.wandb_project, config=vars(args), name=args.experiment,
+                       tags=args.wandb_tags, run_id=args.wandb_resume_id or None)
+        _logger.info(f'Scheduled epochs: {num_epochs}, {updates_per_epoch} updates per epoch; outputs: {output_dir}')
+
+    best_metric, best_epoch, eval_metrics = None, None, None
+    stop_epoch = num_epochs if args.stop_epoch is None else min(num_epochs, args.stop_epoch)
+    for epoch in range(start_epoch, stop_epoch):
+        seed_everything_for_epoch(args.seed, epoch, args.rank)
+        if hasattr(train_loader, 'set_epoch'):
+            train_loader.set_epoch(epoch)
+        if mixup_fn is not None and args.mixup_off_epoch and epoch >= args.mixup_off_epoch:
+            mixup_fn.mixup_enabled = False
+        train_metrics = train_one_epoch(epoch, task, train_loader, optimizer, args, device, lr_scheduler,
+                                        amp_autocast, loss_scaler, mixup_fn, saver, updates_per_epoch)
+        if eval_loader is not None:
+            eval_metrics = validate(task, eval_loader, args, amp_autocast)
+            if task.has_ema():
+                ema_metrics = validate(task, eval_loader, args, amp_autocast, ema=True)
+                eval_metrics.update((f'ema_{k}', v) for k, v in ema_metrics.items())
+        if args.rank == 0:
+            lrs = [g['lr'] for g in optimizer.param_groups]
+            utils.update_summary(epoch, train_metrics, eval_metrics or {}, os.path.join(output_dir, 'summary.csv'),
+                                 lr=sum(lrs) / len(lrs), log_wandb=args.log_wandb)
+            metric = eval_metrics[args.eval_metric] if eval_metrics else None
+            best_metric, best_epoch = saver.save_checkpoint(epoch, metric=metric)
+        if lr_scheduler is not None:
+            lr_scheduler.step(epoch + 1, eval_metrics[args.eval_metric] if eval_metrics else None)
+
+    result = OrderedDict(output_dir=output_dir, best_metric=best_metric, best_epoch=best_epoch,
+                         eval_metric=args.eval_metric, last_eval=eval_metrics)
+    if args.rank == 0:
+        with atomic_write(os.path.join(output_dir, 'results.json'), 'w') as f:
+            json.dump(result, f, indent=2)
+        if best_metric is not None:
+            _logger.info(f'*** Best metric: {best_metric} (epoch {best_epoch})')
+        if args.log_wandb:
+            import wandb
+            wandb.finish()
+    if args.distributed:
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+    return result
+
+
+def train_one_epoch(
+        epoch: int,
+        task: nn.Module,
+        loader: Any,
+        optimizer: torch.optim.Optimizer,
+        args: argparse.Namespace,
+        device: torch.device,
+        lr_scheduler: Any,
+        amp_autocast: Any,
+        loss_scaler: Optional[NativeScaler],
+        mixup_fn: Optional[Mixup],
+        saver: Optional[CheckpointSaver],
+        updates_per_epoch: int,
+) -> Dict[str, float]:
+    """One pass over the loader; returns the epoch means of the loss and of every loss component."""
+    task.train()
+    accum = args.grad_accum_steps
+    num_batches = len(loader)
+    last_accum_steps = num_batches % accum or accum
+    last_batch_idx_to_accum = num_batches - last_accum_steps
+    sums: Dict[str, torch.Tensor] = {}
+    count = 0
+    num_updates = epoch * updates_per_epoch
+    data_start = time.time()
+    batch_time = utils.AverageMeter()
+    optimizer.zero_grad()
+    for batch_idx, batch in enumerate(loader):
+        if len(batch) == 3:  # reinforced data: (input, teacher probabilities, labels)
+            input, target = batch[0], (batch[1], batch[2])
+        else:
+            input, target = batch[0], batch[1]
+            if mixup_fn is not None:
+                input, target = mixup_fn(input, target)
+        last_batch = batch_idx == num_batches - 1
+        need_update = last_batch or (batch_idx + 1) % accum == 0
+        update_accum = accum if batch_idx < last_batch_idx_to_accum else last_accum_steps
+
+        sync_ctx = task.no_sync() if (args.distributed and not need_update) else nullcontext()
+        with sync_ctx:
+            with amp_autocast():
+                out = task(input, target)
+            loss = out['loss'] / update_accum
+            if loss_scaler is not None:
+                loss_scaler(loss, optimizer, clip_grad=args.clip_grad, clip_mode=args.clip_mode,
+                            parameters=task.get_clip_parameters(), need_update=need_update)
+            else:
+                loss.backward()
+                if need_update:
+                    if args.clip_grad is not None:
+                        utils.dispatch_clip_grad(task.get_clip_parameters(), value=args.clip_grad,
+                                                 mode=args.clip_mode)
+                    optimizer.step()
+        for k, v in out.items():
+            if k.startswith('loss') or k.endswith('_loss'):
+                sums[k] = sums.get(k, 0.0) + v.detach().float() * input.shape[0]
+        count += input.shape[0]
+        if not need_update:
+            continue
+        optimizer.zero_grad()
+        num_updates += 1
+        task.update_ema(step=num_updates)
+        if lr_scheduler is not None:
+            lr_scheduler.step_update(num_updates=num_updates)
+        batch_time.update(time.time() - data_start)
+        data_start = time.time()
+        if args.rank == 0 and (last_batch or batch_idx % args.log_interval == 0):
+            lr = optimizer.param_groups[0]['lr']
+            parts = ' '.join(f'{k}: {float(v) / count:.4f}' for k, v in sums.items())
+            _logger.info(f'Train: {epoch} [{batch_idx:>4d}/{num_batches} ({100. * (batch_idx + 1) / num_batches:>3.0f}%)]'
+                         f' {parts} time: {batch_time.avg:.3f}s/update lr: {lr:.3e}')
+        if saver is not None and args.recovery_interval and (num_updates % args.recovery_interval == 0):
+            saver.save_recovery(epoch, batch_idx=batch_idx)
+    keys = sorted(sums)
+    totals = torch.stack([sums[k] for k in keys] + [torch.tensor(float(count), device=device)]) if keys else None
+    if totals is None:
+        raise RuntimeError('The training loader yielded no batch: check --batch-size against the dataset size')
+    totals = totals.to(device)
+    if args.distributed:
+        torch.distributed.all_reduce(totals)
+    metrics = OrderedDict((k, (totals[i] / totals[-1]).item()) for i, k in enumerate(keys))
+    if not all(math.isfinite(v) for v in metrics.values()):
+        raise FloatingPointError(f'Non-finite training loss in epoch {epoch}: {dict(metrics)}')
+    return metrics
+
+
+def validate(task: nn.Module, loader: Any, args: argparse.Namespace, amp_autocast: Any,
+             ema: bool = False) -> Dict[str, float]:
+    """Top-1/top-5/loss of the eval model (plain model, never the task wrapper) on the validation loader."""
+    model = task.get_eval_model(ema=ema)
+    model.eval()
+    evaluator = task.create_evaluator(max_samples=evaluation_sample_limit(loader))
+    with torch.inference_mode():
+        for input, target in loader:
+            input = input.to(task.device)
+            target = target.to(task.device)
+            if args.channels_last:
+                input = input.contiguous(memory_format=torch.channels_last)
+            with amp_autocast():
+                output = model(input)
+            if isinstance(output, (tuple, list)):
+                output = output[0]
+            evaluator.update(output, target)
+    metrics = evaluator.compute(distributed=args.distributed)
+    if args.rank == 0:
+        prefix = 'EMA ' if ema else ''
+        _logger.info(f'{prefix}Eval: ' + ' '.join(f'{k}: {v:.4f}' for k, v in metrics.items()))
+    return metrics
+
+
+if __name__ == '__main__':
+    main()
