@@ -631,8 +631,9 @@ def train_one_epoch(
         if args.rank == 0 and (last_batch or batch_idx % args.log_interval == 0):
             lr = optimizer.param_groups[0]['lr']
             parts = ' '.join(f'{k}: {float(v) / count:.4f}' for k, v in sums.items())
-            _logger.info(f'Train: {epoch} [{batch_idx:>4d}/{num_batches} ({100. * (batch_idx + 1) / num_batches:>3.0f}%)]'
-                         f' {parts} time: {batch_time.avg:.3f}s/update lr: {lr:.3e}')
+            pct = 100. * (batch_idx + 1) / num_batches
+            _logger.info(f'Train: {epoch} [{batch_idx:>4d}/{num_batches} ({pct:>3.0f}%)] {parts} '
+                         f'time: {batch_time.avg:.3f}s/update lr: {lr:.3e}')
         if saver is not None and args.recovery_interval and (num_updates % args.recovery_interval == 0):
             saver.save_recovery(epoch, batch_idx=batch_idx)
     keys = sorted(sums)

@@ -32,7 +32,8 @@ def load_config_defaults(path: str, parser: argparse.ArgumentParser) -> Dict[str
     with open(path) as f:
         cfg = yaml.safe_load(f) or {}
     if not isinstance(cfg, dict):
-        raise ValueError(f'Config file {path} must hold a mapping of argument names to values, got {type(cfg).__name__}')
+        raise ValueError(f'Config file {path} must hold a mapping of argument names to values, '
+                         f'got {type(cfg).__name__}')
     known = set(parser_dests(parser))
     normalized = {}
     unknown = []

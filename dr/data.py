@@ -126,7 +126,7 @@ def create_dataset(
     """Create a dataset: ``digits`` is built in, anything else goes through ``timm.data.create_dataset``.
 
     Args:
-        name: ``digits``, a timm prefix name (``wds/...``, ``hfds/...``, ``tfds/...``, ``torch/...``) or '' for a folder.
+        name: ``digits``, a timm prefix name (``wds/``, ``hfds/``, ``tfds/``, ``torch/``) or '' for a folder.
         root: data root (ImageFolder path, shard dir, ...); unused for digits.
         split: split name (``train``/``validation``/...).
         is_training: passed to timm (shuffling of iterable datasets).

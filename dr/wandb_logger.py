@@ -1,6 +1,7 @@
 """Optional Weights & Biases logging with a resume-safe run id (never imported unless --log-wandb)."""
 import logging
 import os
+import secrets
 from typing import Any, Dict, Optional, Sequence
 
 _logger = logging.getLogger(__name__)
@@ -31,7 +32,7 @@ def init_wandb(
         with open(id_path) as f:
             run_id = f.read().strip() or None
     if run_id is None:
-        run_id = wandb.util.generate_id()
+        run_id = secrets.token_hex(4)  # 8 lowercase hex chars: a valid wandb run id
         with atomic_write(id_path, 'w') as f:
             f.write(run_id)
     run = wandb.init(
