@@ -1,0 +1,133 @@
+#!/usr/bin/env python3
+"""Images/s of validate.py's evaluation loop vs a bare forward loop over the same loader (target ratio >= 0.95).
+
+Both loops read the same DataLoader (timm eval transform, uint8 batches) and run the same ``NormalizedModel``; the
+evaluation loop additionally computes per-sample top-5, confidence, NLL and the per-view bookkeeping, gathers the
+records and summarises them (accuracy, ECE/MCE, NLL), exactly as validate.py does for one pass. The two are timed
+interleaved (A B B A ...) in one process over many short passes; the reported ratio is the median of the ratios of
+adjacent pairs, which cancels slow drifts in machine load.
+
+    python benchmarks/validate_throughput.py                      # CPU, resnet10t on digits at 32 px
+    python benchmarks/validate_throughput.py --device cuda --amp --batch-size 256 --img-size 224
+"""
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    parser.add_argument('--model', default='resnet10t')
+    parser.add_argument('--img-size', type=int, default=32)
+    parser.add_argument('--num-classes', type=int, default=10)
+    parser.add_argument('--batch-size', type=int, default=128)
+    parser.add_argument('--workers', type=int, default=0)
+    parser.add_argument('--rounds', type=int, default=12, help='timed passes per loop (interleaved)')
+    parser.add_argument('--images', type=int, default=512, help='images per pass (from the digits train split)')
+    parser.add_argument('--device', default='cpu')
+    parser.add_argument('--amp', action='store_true')
+    parser.add_argument('--channels-last', action='store_true')
+    parser.add_argument('--threads', type=int, default=0, help='torch intra-op threads (0: torch default)')
+    parser.add_argument('--json', default='', help='also write the numbers here')
+    args = parser.parse_args(argv)
+
+    import contextlib
+    import functools
+
+    import timm
+    import torch
+    from timm.data import resolve_data_config
+
+    from dr.data import DigitsDataset
+    from dr.eval_sets import EvalPart, IndexedDataset, View
+    from dr.evaluation import (
+        NormalizedModel,
+        create_eval_loader,
+        evaluate_part,
+        gather_records,
+        summarize_records,
+        to_unit_range,
+    )
+
+    device = torch.device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    model = timm.create_model(args.model, num_classes=args.num_classes)
+    cfg = resolve_data_config({'img_size': args.img_size, 'crop_pct': 1.0}, model=model)
+    model.eval().to(device)
+    if args.channels_last:
+        model.to(memory_format=torch.channels_last)
+    net = NormalizedModel(model, cfg['mean'], cfg['std'], channels_last=args.channels_last).eval().to(device)
+    autocast = (functools.partial(torch.autocast, device_type=device.type, dtype=torch.bfloat16 if
+                                  device.type == 'cpu' else torch.float16) if args.amp else contextlib.nullcontext)
+    # the digits train split as the image source (1438 images), classes 0-9
+    digits = DigitsDataset('train', img_size=args.img_size)
+    digits.images, digits.targets = digits.images[:args.images], digits.targets[:args.images]
+    ds = IndexedDataset(digits)
+    part = EvalPart('bench', ds, [View('bench')])
+    loader = create_eval_loader(ds, cfg, args.batch_size, num_workers=args.workers)
+    n = len(ds)
+
+    def sync():
+        if device.type == 'cuda':
+            torch.cuda.synchronize()
+
+    def timed(fn):
+        """(images per wall-clock second, images per CPU second of this process)."""
+        sync()
+        t, c = time.perf_counter(), time.process_time()
+        fn()
+        sync()
+        return n / (time.perf_counter() - t), n / (time.process_time() - c)
+
+    def bare():
+        for images, _, _, _ in loader:
+            x = to_unit_range(images.to(device, non_blocking=True))
+            with torch.no_grad(), autocast():
+                net(x)
+
+    def full():
+        records, _ = evaluate_part(net, part, loader, device, autocast=autocast, progress=False)
+        summarize_records(gather_records(records['bench'], device))
+
+    timed(bare), timed(full)  # warm-up (allocator, first-call overheads)
+    rates = {'bare': [], 'validate': []}
+    cpu_rates = {'bare': [], 'validate': []}
+    for r in range(args.rounds):
+        order = (('bare', bare), ('validate', full)) if r % 2 == 0 else (('validate', full), ('bare', bare))
+        for name, fn in order:
+            wall, cpu = timed(fn)
+            rates[name].append(wall)
+            cpu_rates[name].append(cpu)
+    med = {k: statistics.median(v) for k, v in rates.items()}
+    pair_ratios = [v / b for v, b in zip(rates['validate'], rates['bare'])]
+    ratio = statistics.median(pair_ratios)
+    print(f'model {args.model} @ {args.img_size}px, batch {args.batch_size}, workers {args.workers}, device '
+          f'{device}, amp {args.amp}, {n} images x {args.rounds} interleaved rounds, torch threads '
+          f'{torch.get_num_threads()}')
+    print(f'{"loop":<24}{"median img/s":>14}   all rounds (img/s, wall clock)')
+    for key, label in (('bare', 'bare forward'), ('validate', 'validate.py eval loop')):
+        print(f'{label:<24}{med[key]:>14.1f}   {" ".join(f"{v:.0f}" for v in rates[key])}')
+    cpu_ratio = statistics.median(v / b for v, b in zip(cpu_rates['validate'], cpu_rates['bare']))
+    print(f'ratio validate / bare = {ratio:.3f} (median of {len(pair_ratios)} adjacent-pair ratios; ratio of the '
+          f'medians {med["validate"] / med["bare"]:.3f}; target >= 0.95)')
+    print(f'per CPU-second of this process (insensitive to other load): bare '
+          f'{statistics.median(cpu_rates["bare"]):.1f} img/s, validate {statistics.median(cpu_rates["validate"]):.1f}'
+          f' img/s, ratio {cpu_ratio:.3f}')
+    if args.json:
+        with open(args.json, 'w') as f:
+            json.dump({'args': vars(args), 'rates': rates, 'cpu_rates': cpu_rates, 'median': med,
+                       'pair_ratios': pair_ratios, 'ratio': ratio, 'cpu_ratio': cpu_ratio}, f, indent=2)
+    return ratio
+
+
+if __name__ == '__main__':
+    main()

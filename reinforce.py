@@ -1,0 +1,236 @@
+#!/usr/bin/env python3
+"""Dataset reinforcement (Faghri et al., "Reinforce Data, Multiply Impact", ICCV 2023).
+
+Writes self-contained WebDataset shards: every image's original bytes, its label and, per image, ``--num-samples``
+stored augmentations (explicit parameters) with the teacher ensemble's top-``--topk`` probabilities.
+
+    python reinforce.py --dataset digits --teacher resnet18=teacher.pth.tar --num-samples 50 --output out/rd
+    torchrun --nproc_per_node=8 reinforce.py /imagenet --dataset '' -c hparams/dr/reinforce/imagenet_plus.yaml
+    python reinforce.py --verify out/rd [--teacher resnet18=teacher.pth.tar --verify-samples 32]
+    python reinforce.py --stats out/rd
+"""
+import argparse
+import datetime
+import logging
+import os
+import sys
+from typing import Optional, Sequence, Tuple
+
+import torch
+
+from dr.augment import create_augment_spec
+from dr.config import create_config_parser, save_args_yaml
+from dr.config import parse_args as dr_parse_args
+from dr.rd_format import AUG_NAMES, AUG_RRC_RA_RE, load_meta
+from dr.reinforced import (
+    DEFAULT_VERIFY_ATOL,
+    FP16_RTOL,
+    Reinforcer,
+    compute_stats,
+    create_source,
+    verify_dir,
+    write_stats,
+)
+from dr.teachers import create_teacher
+
+_logger = logging.getLogger('reinforce')
+
+
+def create_parser() -> Tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
+    """(config parser, main parser)."""
+    config_parser = create_config_parser()
+    parser = argparse.ArgumentParser(description='Dataset reinforcement: write reinforced WebDataset shards')
+
+    group = parser.add_argument_group('Dataset')
+    group.add_argument('data_dir', nargs='?', default=None, metavar='DIR',
+                       help='dataset root (image folder, wds shard dir, torch/ root); unused for digits')
+    group.add_argument('--dataset', default='digits', metavar='NAME',
+                       help="'digits', a timm prefix (wds/NAME, torch/NAME, hfds/NAME) or '' for a folder")
+    group.add_argument('--split', default='train', metavar='NAME', help='dataset split (default: train)')
+    group.add_argument('--digits-size', type=int, default=32, metavar='N', help='digits image side (default: 32)')
+    group.add_argument('--max-images', type=int, default=0, metavar='N',
+                       help='only the first N images of the dataset order (0: all)')
+    group.add_argument('--num-classes', type=int, default=None, metavar='N',
+                       help='number of classes (default: from the dataset)')
+
+    group = parser.add_argument_group('Teacher')
+    group.add_argument('--teacher', nargs='+', default=None, metavar='NAME[=CKPT]',
+                       help='timm model(s), optionally name=checkpoint; several = ensemble (mean of softmaxes)')
+    group.add_argument('--pretrained', action='store_true', default=False,
+                       help='hub weights for teachers given without a checkpoint')
+    group.add_argument('--teacher-img-size', type=int, default=None, metavar='N',
+                       help="override every member's input resolution (default: each member's pretrained cfg)")
+    group.add_argument('--amp', action='store_true', default=False, help='run the teacher under autocast')
+    group.add_argument('--amp-dtype', default='bfloat16', choices=('bfloat16', 'float16'),
+                       help='autocast dtype (default: bfloat16)')
+    group.add_argument('--channels-last', action='store_true', default=False,
+                       help='channels-last memory format for the teacher')
+    group.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu',
+                       help='teacher device (default: cuda if available; cuda:LOCAL_RANK under torchrun)')
+
+    group = parser.add_argument_group('Reinforcement')
+    group.add_argument('--aug', default=AUG_RRC_RA_RE, choices=AUG_NAMES,
+                       help='stored augmentations: rrc (crop+flip) or rrc+ra_re (+RandAugment, random erasing)')
+    group.add_argument('--scale', type=float, nargs=2, default=None, metavar=('MIN', 'MAX'),
+                       help='random-resized-crop area range (default: 0.08 1.0)')
+    group.add_argument('--ratio', type=float, nargs=2, default=None, metavar=('MIN', 'MAX'),
+                       help='random-resized-crop aspect range (default: 3/4 4/3)')
+    group.add_argument('--hflip', type=float, default=None, metavar='P', help='flip probability (default: 0.5)')
+    group.add_argument('--ra-num-ops', type=int, default=None, metavar='N', help='RandAugment ops (default: 2)')
+    group.add_argument('--ra-magnitude', type=int, default=None, metavar='M',
+                       help='RandAugment magnitude of 31 bins (default: 9)')
+    group.add_argument('--re-prob', type=float, default=None, metavar='P',
+                       help='random erasing probability (default: 0.25)')
+    group.add_argument('--num-samples', type=int, default=400, metavar='N',
+                       help='stored augmentations per image (default: 400)')
+    group.add_argument('--topk', type=int, default=10, metavar='K',
+                       help='stored classes per augmentation (default: 10)')
+    group.add_argument('--seed', type=int, default=0, metavar='S', help='augmentation seed (default: 0)')
+
+    group = parser.add_argument_group('Output')
+    group.add_argument('--output', default='', metavar='DIR', help='output directory of the shards')
+    group.add_argument('--shard-size', type=int, default=1000, metavar='N', help='images per shard (default: 1000)')
+    group.add_argument('-b', '--batch-size', type=int, default=256, metavar='N',
+                       help='augmentations per teacher batch (default: 256)')
+    group.add_argument('-j', '--workers', type=int, default=4, metavar='N', help='data-loader workers (default: 4)')
+    group.add_argument('--no-progress', action='store_true', default=False, help='no tqdm progress bar')
+
+    group = parser.add_argument_group('Verify / stats')
+    group.add_argument('--verify', default='', metavar='DIR',
+                       help='check the shards in DIR against reinforce.json (with --teacher: also replay samples)')
+    group.add_argument('--verify-samples', type=int, default=16, metavar='N',
+                       help='stored augmentations replayed through --teacher by --verify (default: 16)')
+    group.add_argument('--verify-atol', type=float, default=DEFAULT_VERIFY_ATOL, metavar='A',
+                       help=f'absolute tolerance of replayed probabilities (default: {DEFAULT_VERIFY_ATOL})')
+    group.add_argument('--verify-rtol', type=float, default=FP16_RTOL, metavar='R',
+                       help='relative tolerance of replayed probabilities (default: 2**-10, float16)')
+    group.add_argument('--stats', default='', metavar='DIR', help='print and write DIR/stats.json')
+    return config_parser, parser
+
+
+def parse_args(argv: Optional[Sequence[str]] = None):
+    """(args, resolved args as YAML); ``-c/--config`` YAML gives defaults."""
+    config_parser, parser = create_parser()
+    return dr_parse_args(parser, config_parser, argv=argv)
+
+
+def _init_distributed() -> Tuple[int, int, int]:
+    world_size = int(os.environ.get('WORLD_SIZE', '1'))
+    if world_size > 1:
+        import torch.distributed as dist
+        # gloo only synchronises the ranks (barrier before the merge); teacher work never crosses ranks
+        dist.init_process_group('gloo', timeout=datetime.timedelta(hours=48))
+        return dist.get_rank(), world_size, int(os.environ.get('LOCAL_RANK', '0'))
+    return 0, 1, 0
+
+
+def _amp_dtype(args) -> Optional[torch.dtype]:
+    return {'bfloat16': torch.bfloat16, 'float16': torch.float16}[args.amp_dtype] if args.amp else None
+
+
+def run_verify(args) -> int:
+    meta = load_meta(args.verify)
+    teacher = None
+    if args.teacher:
+        teacher = create_teacher(args.teacher, int(meta['num_classes']), pretrained=args.pretrained,
+                                 device=args.device)
+    report = verify_dir(args.verify, teacher=teacher, num_replays=args.verify_samples if teacher else 0,
+                        seed=args.seed, atol=args.verify_atol, rtol=args.verify_rtol, device=args.device,
+                        amp_dtype=_amp_dtype(args))
+    for p in report['problems']:
+        print(f'BAD {p["shard"]}: {p["problem"]}')
+    bad = sorted({p['shard'] for p in report['problems']})
+    replays = f', {report["replays"]} replays' if teacher is not None else ''
+    if report['ok']:
+        print(f'OK {args.verify}: {report["shards"]} shards, {report["images"]} images{replays}')
+        return 0
+    print(f'FAILED {args.verify}: {len(bad)} bad shard(s): {", ".join(bad)}{replays}')
+    return 1
+
+
+def run_stats(args) -> int:
+    stats = compute_stats(args.stats)
+    path = write_stats(args.stats, stats)
+    width = max(len(k) for k in stats)
+    for k, v in stats.items():
+        print(f'{k:<{width}}  {v:.6g}' if isinstance(v, float) else f'{k:<{width}}  {v}')
+    print(f'wrote {path}')
+    return 0
+
+
+def run_reinforce(args, args_text: str) -> int:
+    if not args.output:
+        raise ValueError('--output is required (directory for the shards)')
+    if not args.teacher:
+        raise ValueError('--teacher is required (one or more timm model names, optionally name=checkpoint)')
+    if args.seed < 0:
+        raise ValueError(f'--seed must be >= 0, got {args.seed}')
+    source = create_source(args.dataset, root=args.data_dir, split=args.split, digits_size=args.digits_size,
+                           max_images=args.max_images)
+    num_classes = args.num_classes or (len(source.classes) if source.classes else None)
+    if not num_classes:
+        raise ValueError(f'--num-classes is required: dataset {args.dataset!r} does not list its classes')
+    if args.topk > num_classes:
+        raise ValueError(f'--topk {args.topk} is larger than the number of classes ({num_classes})')
+    spec = create_augment_spec(args.aug, scale=args.scale, ratio=args.ratio, hflip=args.hflip,
+                               ra_num_ops=args.ra_num_ops, ra_magnitude=args.ra_magnitude, re_prob=args.re_prob)
+    rank, world_size, local_rank = _init_distributed()
+    device = args.device
+    if world_size > 1 and device == 'cuda':
+        device = f'cuda:{local_rank}'
+    if str(device).startswith('cuda'):
+        torch.cuda.set_device(torch.device(device))
+    torch.manual_seed(args.seed)  # random-weight teachers (tests, demos) are identical on every rank and rerun
+    teacher = create_teacher(args.teacher, num_classes, pretrained=args.pretrained,
+                             img_size=args.teacher_img_size, device=device)
+    if args.channels_last:
+        teacher = teacher.to(memory_format=torch.channels_last)
+    dataset_info = {'name': args.dataset, 'root': os.path.abspath(args.data_dir) if args.data_dir else None,
+                    'split': args.split}
+    if args.dataset.lower() == 'digits':
+        dataset_info['digits_size'] = args.digits_size
+    if args.max_images:
+        dataset_info['max_images'] = args.max_images
+    writer = Reinforcer(
+        source, teacher, spec, args.output, num_samples=args.num_samples, topk=args.topk, seed=args.seed,
+        shard_size=args.shard_size, num_classes=num_classes, batch_size=args.batch_size, workers=args.workers,
+        amp_dtype=_amp_dtype(args), channels_last=args.channels_last, device=device, rank=rank,
+        world_size=world_size, dataset_info=dataset_info, progress=not args.no_progress)
+    writer.check_output()
+    if rank == 0:
+        os.makedirs(args.output, exist_ok=True)
+        save_args_yaml(args_text, args.output)
+    result = writer.run()
+    _logger.info(f'rank {rank}: wrote {result["shards_written"]} shards ({result["images"]} images, '
+                 f'{result["images_per_second"]:.2f} img/s), skipped {result["shards_skipped"]} complete shards')
+    if world_size > 1:
+        import torch.distributed as dist
+        dist.barrier()
+    if rank == 0:
+        meta = writer.merge(class_names=source.classes)
+        print(f'{args.output}: {meta["num_images"]} images in {len(meta["shards"])} shards, '
+              f'{meta["num_samples"]} augmentations each, {meta["bytes_per_augmentation"]:.2f} bytes/augmentation, '
+              f'teacher top-1 agreement with labels {meta["teacher_label_agreement"]:.4f}')
+    if world_size > 1:
+        import torch.distributed as dist
+        dist.destroy_process_group()
+    return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    logging.basicConfig(level=logging.INFO, format='%(asctime)s %(levelname)s %(name)s: %(message)s')
+    args, args_text = parse_args(argv)
+    try:
+        if args.verify:
+            return run_verify(args)
+        if args.stats:
+            return run_stats(args)
+        return run_reinforce(args, args_text)
+    except (ValueError, FileNotFoundError) as e:
+        _logger.error(str(e))
+        print(f'error: {e}', file=sys.stderr)
+        return 2
+
+
+if __name__ == '__main__':
+    sys.exit(main())
