@@ -174,7 +174,8 @@ def create_parser() -> Tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     group.add_argument('--model-ema-warmup', action='store_true', help='warm up the EMA decay')
 
     group = parser.add_argument_group('BAKE (batch knowledge ensembling) parameters')
-    group.add_argument('--bake', action='store_true', default=False, help='train with BAKE self-distillation')
+    group.add_argument('--bake', action=argparse.BooleanOptionalAction, default=False,
+                       help='train with BAKE self-distillation (--no-bake runs the vanilla baseline of a BAKE recipe)')
     group.add_argument('--bake-omega', type=float, default=0.5, help='propagation weight omega (default: 0.5)')
     group.add_argument('--bake-temp', type=float, default=4.0, help='softmax temperature tau (default: 4.0)')
     group.add_argument('--bake-weight', type=float, default=1.0, help='loss weight lambda (default: 1.0)')
