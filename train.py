@@ -204,6 +204,9 @@ def create_parser() -> Tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     group.add_argument('--kd-task-weight', type=float, default=0.0,
                        help='cross-entropy weight next to distillation (default: 0.0, pure KD as in the paper)')
     group.add_argument('--kd-temp', type=float, default=1.0, help='distillation temperature (default: 1.0)')
+    group.add_argument('--kd-teacher-img-size', type=int, default=None, metavar='N',
+                       help='teacher input resolution (default: the data config stored in a train.py checkpoint, '
+                            'else the teacher\'s pretrained config)')
 
     group = parser.add_argument_group('Miscellaneous parameters')
     group.add_argument('--seed', type=int, default=42, metavar='S', help='random seed (default: 42)')
@@ -321,7 +324,7 @@ def create_task(args: argparse.Namespace, model: nn.Module, criterion: nn.Module
 
         from dr.teachers import create_teacher
         teacher = create_teacher(args.kd_teacher, num_classes=args.num_classes, pretrained=args.pretrained,
-                                 device=device)
+                                 img_size=args.kd_teacher_img_size, device=device, flag='--kd-teacher')
         cfg = model.pretrained_cfg
         teacher.set_input_norm(args.data_config['mean'], args.data_config['std'], args.data_config['input_size'])
         model.pretrained_cfg = dict(cfg, mean=tuple(args.data_config['mean']), std=tuple(args.data_config['std']))
@@ -380,8 +383,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     if args.img_size is None and args.input_size is None:
         if dr_data.is_digits(args.dataset):
             args.img_size = args.digits_size
-        elif rd_meta is not None and rd_meta.get('image_size'):
-            args.img_size = int(rd_meta['image_size'])
+        elif rd_meta is not None and rd_meta.get('dataset', {}).get('digits_size'):
+            args.img_size = int(rd_meta['dataset']['digits_size'])
 
     model_kwargs = dr_config.parse_key_values(args.model_kwargs, '--model-kwargs')
     if args.in_chans is not None:
@@ -456,7 +459,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         from dr.rd_loader import create_reinforced_loader
         train_loader = create_reinforced_loader(
             args.reinforced, rd_meta, batch_size=args.batch_size, num_workers=args.workers, input_size=input_size,
-            mean=data_config['mean'], std=data_config['std'], interpolation=data_config['interpolation'],
+            mean=data_config['mean'], std=data_config['std'], interpolation=None,  # replay as the teacher saw it
             rd_p=args.rd_p, rd_densify=args.rd_densify, fallback_transform=train_transform,
             num_classes=args.num_classes, seed=args.seed, rank=args.rank, world_size=args.world_size,
             shuffle_buffer=args.rd_shuffle_buffer, device=device, pin_memory=args.pin_mem)

@@ -82,3 +82,15 @@ def load_model_weights(model: nn.Module, path: str, use_ema: bool = False, stric
     model.load_state_dict(state_dict, strict=strict)
     _logger.info(f'Loaded {"EMA " if use_ema else ""}weights from {resolved}')
     return resolved
+
+
+def checkpoint_data_config(path: str) -> Optional[Dict[str, Any]]:
+    """The data config (input_size, mean, std, interpolation, crop_pct) a train.py run stored in its checkpoint.
+
+    ``train.py`` saves its resolved args (including ``data_config``) with every checkpoint; other checkpoints give
+    None, and the caller falls back to the model's pretrained config.
+    """
+    checkpoint = load_checkpoint_file(path)
+    args = checkpoint.get('args') if isinstance(checkpoint, dict) else None
+    data_config = getattr(args, 'data_config', None) if args is not None else None
+    return dict(data_config) if isinstance(data_config, dict) else None

@@ -14,7 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.data import resolve_data_config
 
-from .checkpoint import load_model_weights
+from .checkpoint import checkpoint_data_config, load_model_weights
 from .io import sha256_file
 
 _logger = logging.getLogger(__name__)
@@ -58,8 +58,11 @@ def parse_teacher_spec(spec: str, flag: str = '--teacher') -> Tuple[str, Optiona
     return name, path or None
 
 
-def _member_cfg(model: nn.Module, img_size: Optional[int]) -> Dict[str, Any]:
-    cfg = resolve_data_config({}, model=model)
+def _member_cfg(model: nn.Module, img_size: Optional[int], stored: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+    """Input config of a member: its training run's stored data config if any, else its pretrained cfg."""
+    cfg = dict(resolve_data_config({}, model=model))
+    if stored:
+        cfg.update({k: stored[k] for k in ('input_size', 'mean', 'std', 'interpolation') if stored.get(k)})
     input_size = tuple(int(v) for v in cfg['input_size'])
     if img_size:
         input_size = (input_size[0], int(img_size), int(img_size))
@@ -189,6 +192,7 @@ def create_teacher(
     for spec in specs:
         name, path = parse_teacher_spec(spec, flag)
         use_hub = pretrained and path is None
+        stored = None
         try:
             model = timm.create_model(name, pretrained=use_hub, num_classes=num_classes)
             if img_size and model.pretrained_cfg.get('fixed_input_size'):
@@ -214,11 +218,12 @@ def create_teacher(
                 raise ValueError(f'{flag} {spec}: {e}') from e
             origins.append(os.path.abspath(resolved))
             shas.append(sha256_file(resolved))
+            stored = checkpoint_data_config(resolved)
         else:
             _logger.warning(f'{flag} {name}: no checkpoint and no --pretrained, using RANDOM weights')
             origins.append('random')
             shas.append(None)
         members.append(model.to(device))
         names.append(name)
-        cfgs.append(_member_cfg(model, img_size))
+        cfgs.append(_member_cfg(model, img_size, stored))
     return TeacherEnsemble(members, names, cfgs, origins, shas)
