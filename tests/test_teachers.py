@@ -108,3 +108,28 @@ def test_ig_resnext_ensemble_names_resolve():
     with torch.device('meta'):
         model = timm.create_model('resnext101_32x48d')
     assert 825e6 < sum(p.numel() for p in model.parameters()) < 835e6  # ResNeXt-101 32x48d: 829M parameters
+
+
+def test_member_uses_data_config_stored_by_train_py(tmp_path):
+    """A train.py checkpoint carries its data config; the teacher must see inputs at that size, not the hub cfg's."""
+    import argparse
+
+    import timm
+    import torch
+
+    from dr.teachers import create_teacher
+    model = timm.create_model('test_resnet', num_classes=10)
+    data_config = {'input_size': [3, 24, 24], 'mean': [0.5, 0.5, 0.5], 'std': [0.25, 0.25, 0.25],
+                   'interpolation': 'bicubic', 'crop_pct': 1.0}
+    torch.save({'state_dict': model.state_dict(), 'args': argparse.Namespace(model='test_resnet',
+                                                                             data_config=data_config)},
+               tmp_path / 'trained.pth.tar')
+    torch.save({'state_dict': model.state_dict()}, tmp_path / 'bare.pth.tar')
+    specs = [f'test_resnet={tmp_path / "trained.pth.tar"}', f'test_resnet={tmp_path / "bare.pth.tar"}']
+    teacher = create_teacher(specs, num_classes=10)
+    stored, bare = teacher.member_cfgs
+    assert stored['input_size'] == [3, 24, 24] and stored['std'] == [0.25, 0.25, 0.25]
+    assert stored['interpolation'] == 'bicubic'
+    assert bare['input_size'] == list(timm.data.resolve_data_config({}, model=model)['input_size'])
+    override = create_teacher([f'test_resnet={tmp_path / "trained.pth.tar"}'], num_classes=10, img_size=16)
+    assert override.member_cfgs[0]['input_size'] == [3, 16, 16]
