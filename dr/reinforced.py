@@ -82,12 +82,15 @@ class SourceImage:
 
 class ImageSource:
     """Random access to a dataset's original encoded images."""
-    name: str = ''
-    classes: Optional[List[str]] = None
     stores_png: bool = False  # True when images only exist decoded and are stored re-encoded as PNG
 
+    def __init__(self, dataset, name: str):
+        self.ds = dataset
+        self.name = name
+        self.classes: Optional[List[str]] = dataset_classes(dataset)
+
     def __len__(self) -> int:
-        raise NotImplementedError
+        return len(self.ds)
 
     def get(self, index: int) -> SourceImage:
         raise NotImplementedError
@@ -97,12 +100,7 @@ class DigitsSource(ImageSource):
     """The embedded digits (PNG bytes from ``DigitsDataset.image_bytes``)."""
 
     def __init__(self, dataset):
-        self.ds = dataset
-        self.name = 'digits'
-        self.classes = list(dataset.classes)
-
-    def __len__(self) -> int:
-        return len(self.ds)
+        super().__init__(dataset, 'digits')
 
     def get(self, index: int) -> SourceImage:
         return SourceImage(self.ds.key(index), 'png', self.ds.image_bytes(index), int(self.ds.targets[index]))
@@ -117,14 +115,6 @@ def _ext_of(filename: str, where: str) -> str:
 
 class FolderSource(ImageSource):
     """timm folder / tar readers: raw file bytes with the file's own extension."""
-
-    def __init__(self, dataset, name: str):
-        self.ds = dataset
-        self.name = name
-        self.classes = dataset_classes(dataset)
-
-    def __len__(self) -> int:
-        return len(self.ds)
 
     def get(self, index: int) -> SourceImage:
         filename = self.ds.reader._filename(index)
@@ -141,14 +131,6 @@ class FolderSource(ImageSource):
 class PILSource(ImageSource):
     """Datasets that only yield decoded PIL images (``torch/``, ``hfds/``): stored as lossless PNG."""
     stores_png = True
-
-    def __init__(self, dataset, name: str):
-        self.ds = dataset
-        self.name = name
-        self.classes = dataset_classes(dataset)
-
-    def __len__(self) -> int:
-        return len(self.ds)
 
     def get(self, index: int) -> SourceImage:
         img, target = self.ds[index][:2]

@@ -16,14 +16,7 @@ from dr.calibration import (
     reliability_diagram,
 )
 
-
-@pytest.fixture(scope='module', autouse=True)
-def one_thread():
-    """One intra-op thread: tiny tensors gain nothing from more, and shared 2-core CI machines lose a lot."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures('one_thread')
 
 
 def _reference_bins(conf, correct, n_bins):

@@ -33,13 +33,7 @@ DATA_CONFIG = {'input_size': (3, 16, 16), 'interpolation': 'bilinear', 'mean': (
                'std': (1.0, 1.0, 1.0), 'crop_pct': 1.0, 'crop_mode': 'center'}
 
 
-@pytest.fixture(scope='module', autouse=True)
-def one_thread():
-    """One intra-op thread: tiny tensors gain nothing from more, and shared 2-core CI machines lose a lot."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures('one_thread')
 
 
 class ValueModel(nn.Module):

@@ -37,13 +37,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 N_IMAGES, N_SAMPLES, TOPK, SHARD = 24, 6, 3, 6
 
 
-@pytest.fixture(scope='module', autouse=True)
-def _one_thread():
-    """The CI box has 2 busy cores: intra-op threads only add contention for these tiny models."""
-    prev = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(prev)
+pytestmark = pytest.mark.usefixtures('one_thread')
 
 
 @pytest.fixture(scope='module')
