@@ -297,20 +297,6 @@ def sidecar_name(index: int) -> str:
     return f'.{int(index):06d}.json'
 
 
-def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-_UMASK = _umask()
-
-
-def _publish(path: str) -> None:
-    """Give an atomically written file (created 0600 by mkstemp) the usual permissions (0666 & ~umask)."""
-    os.chmod(path, 0o666 & ~_UMASK)
-
-
 def _identity(x):
     return x
 
@@ -624,7 +610,6 @@ class Reinforcer:
         crash_after = os.environ.get(CRASH_ENV)
         with atomic_write(path, 'wb') as f:
             f.write(data)
-        _publish(path)
         if crash_after is not None and self._written >= int(crash_after):
             # test hook: the shard file is in place but its sidecar is not, and a stray temp file is left behind
             with open(os.path.join(self.output, f'.{shard_name(index)}.crash.tmp'), 'wb') as f:
@@ -644,7 +629,6 @@ class Reinforcer:
         }
         with atomic_write(os.path.join(self.output, sidecar_name(index)), 'w') as f:
             json.dump(info, f, indent=1)
-        _publish(os.path.join(self.output, sidecar_name(index)))
         self._written += 1
         return info
 
@@ -747,7 +731,6 @@ class Reinforcer:
         }
         with atomic_write(os.path.join(self.output, META_NAME), 'w') as f:
             json.dump(meta, f, indent=1)
-        _publish(os.path.join(self.output, META_NAME))
         return meta
 
 
@@ -947,7 +930,6 @@ def write_stats(directory: str, stats: Dict[str, Any], filename: str = 'stats.js
     path = os.path.join(directory, filename)
     with atomic_write(path, 'w') as f:
         json.dump(stats, f, indent=1)
-    _publish(path)
     return path
 
 
