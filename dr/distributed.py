@@ -1,6 +1,6 @@
 """Small torch.distributed helpers that also work (as no-ops) in a single process."""
 import logging
-from typing import Any, List
+from typing import Any, List, Optional
 
 import torch
 import torch.distributed as dist
@@ -58,15 +58,20 @@ def all_gather_cat(t: torch.Tensor, check: bool = False) -> torch.Tensor:
 
 
 @torch.no_grad()
-def all_gather_varlen(t: torch.Tensor) -> torch.Tensor:
+def all_gather_varlen(t: torch.Tensor, device: Optional[torch.device] = None) -> torch.Tensor:
     """Like :func:`all_gather_cat` but the number of rows (dim 0) may differ across ranks.
 
-    Rows are padded to the largest count for the collective and the padding is removed again.
+    Rows are padded to the largest count for the collective and the padding is removed again. Boolean tensors
+    travel as uint8. ``device`` moves ``t`` first (e.g. to the CUDA device NCCL needs); the result stays there.
     """
     t = t.detach()
     world_size = get_world_size()
     if world_size == 1:
         return t
+    if device is not None:
+        t = t.to(device)
+    if t.dtype == torch.bool:
+        return all_gather_varlen(t.to(torch.uint8)).to(torch.bool)
     t = t.contiguous()
     n = torch.tensor([t.shape[0]], device=t.device, dtype=torch.long)
     counts = [torch.zeros_like(n) for _ in range(world_size)]

@@ -25,6 +25,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from .attacks import AUTOATTACK_EPS, autoattack_correct, autoattack_status, create_autoattack, fgsm_correct
 from .calibration import DEFAULT_BINS, bin_sums, ece_from_sums, mce_from_sums
+from .distributed import all_gather_varlen, get_world_size
 from .eval_sets import EvalPart, View
 from .io import atomic_write
 
@@ -261,10 +262,6 @@ def _attack_batch(model, view: View, x, targets, indices, attack: AttackConfig, 
 # --------------------------------------------------------------------------------------------------------------------
 # distributed
 
-def is_distributed() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
 def gather_records(records: Dict[str, torch.Tensor], device: Optional[torch.device] = None
                    ) -> Dict[str, torch.Tensor]:
     """All-gather per-sample tensors from every rank (padding removed) and sort them by dataset index.
@@ -272,11 +269,8 @@ def gather_records(records: Dict[str, torch.Tensor], device: Optional[torch.devi
     Tensors sharing a prefix (``fgsm_*``, ``aa_*``, the rest) have the same length; each group is sorted by its
     ``*index`` tensor, which must hold every sample at most once (checked).
     """
-    if is_distributed():
-        gathered = {}
-        for key, t in records.items():
-            gathered[key] = _all_gather_varlen(t, device or t.device)
-        records = gathered
+    if get_world_size() > 1:
+        records = {key: all_gather_varlen(t, device or t.device) for key, t in records.items()}
     out = {}
     for prefix, index_key in (('', 'index'), ('fgsm_', 'fgsm_index'), ('aa_', 'aa_index')):
         keys = [k for k in records if _group(k) == prefix]
@@ -299,28 +293,9 @@ def _group(key: str) -> str:
     return ''
 
 
-def _all_gather_varlen(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    world = dist.get_world_size()
-    backend_device = device if dist.get_backend() != 'nccl' else torch.device('cuda', torch.cuda.current_device())
-    t = t.to(backend_device)
-    n = torch.tensor([t.shape[0]], dtype=torch.long, device=backend_device)
-    sizes = [torch.zeros_like(n) for _ in range(world)]
-    dist.all_gather(sizes, n)
-    sizes = [int(s) for s in sizes]
-    max_n = max(sizes)
-    dtype = t.dtype
-    send = t.to(torch.uint8) if dtype == torch.bool else t
-    padded = send.new_zeros((max_n,) + tuple(send.shape[1:]))
-    padded[:send.shape[0]] = send
-    bufs = [torch.zeros_like(padded) for _ in range(world)]
-    dist.all_gather(bufs, padded)
-    out = torch.cat([b[:s] for b, s in zip(bufs, sizes)])
-    return out.to(torch.bool) if dtype == torch.bool else out
-
-
 def all_reduce_int(value: int, device: torch.device) -> int:
     """Sum of an integer over ranks."""
-    if not is_distributed():
+    if get_world_size() == 1:
         return int(value)
     if dist.get_backend() == 'nccl':
         device = torch.device('cuda', torch.cuda.current_device())
