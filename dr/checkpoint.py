@@ -74,23 +74,27 @@ def load_model_weights(model: nn.Module, path: str, use_ema: bool = False, stric
         The resolved checkpoint file path.
     """
     resolved = resolve_checkpoint_path(path)
-    state_dict = extract_state_dict(load_checkpoint_file(resolved), use_ema=use_ema, path=resolved)
-    stored = checkpoint_num_classes(state_dict, model)
-    expected = getattr(model, 'num_classes', None)
-    if stored is not None and expected is not None and stored != expected:
-        raise ValueError(f'Checkpoint {resolved} has {stored} classes but the model has {expected}')
-    model.load_state_dict(state_dict, strict=strict)
-    _logger.info(f'Loaded {"EMA " if use_ema else ""}weights from {resolved}')
+    apply_checkpoint(model, load_checkpoint_file(resolved), resolved, use_ema=use_ema, strict=strict)
     return resolved
 
 
-def checkpoint_data_config(path: str) -> Optional[Dict[str, Any]]:
-    """The data config (input_size, mean, std, interpolation, crop_pct) a train.py run stored in its checkpoint.
+def apply_checkpoint(model: nn.Module, checkpoint: Any, path: str, use_ema: bool = False, strict: bool = True) -> None:
+    """Load an already read checkpoint into ``model`` (class-count mismatch reported first, naming ``path``)."""
+    state_dict = extract_state_dict(checkpoint, use_ema=use_ema, path=path)
+    stored = checkpoint_num_classes(state_dict, model)
+    expected = getattr(model, 'num_classes', None)
+    if stored is not None and expected is not None and stored != expected:
+        raise ValueError(f'Checkpoint {path} has {stored} classes but the model has {expected}')
+    model.load_state_dict(state_dict, strict=strict)
+    _logger.info(f'Loaded {"EMA " if use_ema else ""}weights from {path}')
+
+
+def checkpoint_data_config(checkpoint: Any) -> Optional[Dict[str, Any]]:
+    """The data config (input_size, mean, std, interpolation, crop_pct) a train.py run stored in a loaded checkpoint.
 
     ``train.py`` saves its resolved args (including ``data_config``) with every checkpoint; other checkpoints give
     None, and the caller falls back to the model's pretrained config.
     """
-    checkpoint = load_checkpoint_file(path)
     args = checkpoint.get('args') if isinstance(checkpoint, dict) else None
     data_config = getattr(args, 'data_config', None) if args is not None else None
     return dict(data_config) if isinstance(data_config, dict) else None

@@ -14,7 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.data import resolve_data_config
 
-from .checkpoint import checkpoint_data_config, load_model_weights
+from .checkpoint import apply_checkpoint, checkpoint_data_config, load_checkpoint_file, resolve_checkpoint_path
 from .io import sha256_file
 
 _logger = logging.getLogger(__name__)
@@ -213,12 +213,14 @@ def create_teacher(
             shas.append(None)
         elif path is not None:
             try:
-                resolved = load_model_weights(model, path)
+                resolved = resolve_checkpoint_path(path)
+                checkpoint = load_checkpoint_file(resolved)
+                apply_checkpoint(model, checkpoint, resolved)
             except (ValueError, FileNotFoundError, RuntimeError, KeyError) as e:
                 raise ValueError(f'{flag} {spec}: {e}') from e
             origins.append(os.path.abspath(resolved))
             shas.append(sha256_file(resolved))
-            stored = checkpoint_data_config(resolved)
+            stored = checkpoint_data_config(checkpoint)
         else:
             _logger.warning(f'{flag} {name}: no checkpoint and no --pretrained, using RANDOM weights')
             origins.append('random')
