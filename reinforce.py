@@ -18,20 +18,14 @@ from typing import Optional, Sequence, Tuple
 
 import torch
 
-from dr.augment import create_augment_spec
 from dr.config import create_config_parser, save_args_yaml
 from dr.config import parse_args as dr_parse_args
-from dr.rd_format import AUG_NAMES, AUG_RRC_RA_RE, load_meta
-from dr.reinforced import (
-    DEFAULT_VERIFY_ATOL,
-    FP16_RTOL,
-    Reinforcer,
-    compute_stats,
-    create_source,
-    verify_dir,
-    write_stats,
-)
-from dr.teachers import create_teacher
+from dr.reinforce.augment import create_augment_spec
+from dr.reinforce.format import AUG_NAMES, AUG_RRC_RA_RE, load_meta
+from dr.reinforce.sources import create_source
+from dr.reinforce.teachers import create_teacher
+from dr.reinforce.verify import DEFAULT_VERIFY_ATOL, FP16_RTOL, compute_stats, verify_dir, write_stats
+from dr.reinforce.writer import Reinforcer
 
 _logger = logging.getLogger('reinforce')
 

@@ -244,7 +244,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> Tuple[argparse.Namespace
 def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """Flag combinations that cannot work, reported before any work starts."""
     if args.bake:
-        from dr.samplers import check_batch_size
+        from dr.bake.sampler import check_batch_size
         try:
             check_batch_size(args.batch_size, args.bake_intra)
         except ValueError as e:
@@ -310,19 +310,19 @@ def create_task(args: argparse.Namespace, model: nn.Module, criterion: nn.Module
                 rd_meta: Optional[Dict[str, Any]] = None) -> nn.Module:
     """The timm training task for the chosen mode (BAKE, reinforced data, online KD or plain)."""
     if args.bake:
-        from dr.bake import BakeTask
+        from dr.bake.task import BakeTask
         return BakeTask(
             model, criterion=criterion, omega=args.bake_omega, temperature=args.bake_temp, weight=args.bake_weight,
             knowledge=args.bake_knowledge, one_step=args.bake_one_step, global_ensemble=args.bake_global,
             num_classes=args.num_classes, device=device, verbose=args.rank == 0)
     if args.reinforced:
-        from dr.rd_task import ReinforcedTask
+        from dr.reinforce.task import ReinforcedTask
         return ReinforcedTask(model, loss=args.rd_loss, gt_weight=args.rd_gt_weight, device=device,
                               verbose=args.rank == 0)
     if args.kd_teacher:
         from timm.task import LogitDistillationTask
 
-        from dr.teachers import create_teacher
+        from dr.reinforce.teachers import create_teacher
         teacher = create_teacher(args.kd_teacher, num_classes=args.num_classes, pretrained=args.pretrained,
                                  img_size=args.kd_teacher_img_size, device=device, flag='--kd-teacher')
         cfg = model.pretrained_cfg
@@ -375,7 +375,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
 
     rd_meta = None
     if args.reinforced:
-        from dr.rd_loader import check_reinforced
+        from dr.reinforce.loader import check_reinforced
         rd_meta = check_reinforced(args.reinforced, args.num_classes)
     train_ds, val_ds = _create_datasets(args)
     if args.num_classes is None:
@@ -456,7 +456,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         mean=data_config['mean'], std=data_config['std'], re_prob=args.reprob, re_mode=args.remode,
         re_count=args.recount)
     if args.reinforced:
-        from dr.rd_loader import create_reinforced_loader
+        from dr.reinforce.loader import create_reinforced_loader
         train_loader = create_reinforced_loader(
             args.reinforced, rd_meta, batch_size=args.batch_size, num_workers=args.workers, input_size=input_size,
             mean=data_config['mean'], std=data_config['std'], interpolation=None,  # replay as the teacher saw it
@@ -476,7 +476,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     else:
         sampler = None
         if args.bake:
-            from dr.samplers import ClassAwareSampler
+            from dr.bake.sampler import ClassAwareSampler
             sampler = ClassAwareSampler(dr_data.dataset_targets(train_ds), num_intra=args.bake_intra,
                                         num_replicas=args.world_size, rank=args.rank, shuffle=True, seed=args.seed)
         train_loader = DeviceLoader(

@@ -14,7 +14,7 @@ Examples::
     # distributed: each rank evaluates a disjoint shard, results gathered once per sample
     torchrun --nproc_per_node=8 validate.py --suite /data --model resnet50 --checkpoint r50.pth.tar
 
-Set names, folder names and conventions: ``dr/eval_sets.py`` (``SET_SPECS``) and the README.
+Set names, folder names and conventions: ``dr/evaluate/sets.py`` (``SET_SPECS``) and the README.
 """
 import argparse
 import logging
@@ -190,7 +190,7 @@ def _default_tag(path: str, used: set) -> str:
 def _plan_sets(args) -> Tuple[List[Tuple[str, str]], List[str]]:
     """[(set name, path)] to evaluate and the names of requested sets that were not found."""
     from dr.data import is_digits
-    from dr.eval_sets import SET_SPECS, SUITE_ORDER, discover_sets
+    from dr.evaluate.sets import SET_SPECS, SUITE_ORDER, discover_sets
     if args.sets:
         unknown = [s for s in args.sets if s not in SET_SPECS]
         if unknown:
@@ -227,7 +227,7 @@ def _plan_sets(args) -> Tuple[List[Tuple[str, str]], List[str]]:
 def _generic_parts(args, num_classes_hint: Optional[int]):
     """Parts and class count of a generic dataset (ImageFolder DIR or a timm dataset)."""
     from dr.data import create_dataset, dataset_classes
-    from dr.eval_sets import EvalPart, IndexedDataset, View, folder_parts
+    from dr.evaluate.sets import EvalPart, IndexedDataset, View, folder_parts
     if not args.dataset:
         parts, classes = folder_parts(args.data_dir, name='folder', skip_bad_images=args.skip_bad_images)
         return parts, len(classes)
@@ -275,32 +275,34 @@ def _run(args, args_text: str) -> Dict[str, Any]:
     from timm.models import create_model
     from timm.utils import setup_default_logging
 
-    from dr.attacks import AUTOATTACK_EPS, autoattack_status
-    from dr.calibration import reliability_diagram_from_sums
     from dr.checkpoint import load_model_weights
     from dr.config import save_args_yaml
-    from dr.corruptions import IMAGENET_C_CORRUPTIONS, summarize_corruption_errors
     from dr.data import DIGITS_DEFAULT_SIZE, DigitsDataset
-    from dr.eval_sets import SET_SPECS, BadImageError, build_parts
-    from dr.evaluation import (
+    from dr.evaluate.attacks import AUTOATTACK_EPS, autoattack_status
+    from dr.evaluate.corruptions import IMAGENET_C_CORRUPTIONS, summarize_corruption_errors
+    from dr.evaluate.loop import (
         AttackConfig,
         NormalizedModel,
         all_reduce_int,
-        config_key,
         create_eval_loader,
         evaluate_part,
         fgsm_column,
-        format_table,
         gather_records,
+        pooled_calibration,
+        summarize_real,
+        summarize_records,
+    )
+    from dr.evaluate.report import (
+        config_key,
+        format_table,
         headline,
         load_results,
         merge_rows,
-        pooled_calibration,
+        reliability_diagram_from_sums,
         results_paths,
-        summarize_real,
-        summarize_records,
         write_results,
     )
+    from dr.evaluate.sets import SET_SPECS, BadImageError, build_parts
     from dr.io import software_versions
 
     if not logging.getLogger().handlers:  # in-process callers (the demo, tests) keep their logging setup
@@ -628,7 +630,7 @@ def _corruption_summary(set_name, parts, rows_by_set, base_row, convention, num_
 
 
 def _print_report(specs, plan, missing, args, attack_cfg, aa_status, format_table, headline, fgsm_column) -> None:
-    from dr.eval_sets import SET_SPECS
+    from dr.evaluate.sets import SET_SPECS
     set_names = [n for n, _ in plan]
     shift = [n for n in set_names if n in SET_SPECS and SET_SPECS[n].kind in ('shift', 'corruption')]
     clean = [n for n in set_names if n not in shift]
@@ -696,7 +698,7 @@ def _print_report(specs, plan, missing, args, attack_cfg, aa_status, format_tabl
 
 def _log_wandb(args, rows: List[Dict[str, Any]]) -> None:
     """Log the results table and the headline metrics to one wandb run (offline mode honoured)."""
-    from dr.evaluation import csv_columns, results_paths
+    from dr.evaluate.report import csv_columns, results_paths
     from dr.wandb_logger import init_wandb
     out_dir = (os.path.dirname(os.path.abspath(results_paths(args.results_file)[0])) if args.results_file
                else os.path.abspath(os.path.join('output', 'validate')))

@@ -2,7 +2,7 @@
 """Training-step time with and without BAKE, measured side by side in one run.
 
 Both variants share the model, the optimizer and the very same class-aware batches (anchor + ``--intra`` class mates
-from :class:`dr.samplers.ClassAwareSampler` over synthetic labels). Steps are interleaved (plain, BAKE, BAKE, plain,
+from :class:`dr.bake.sampler.ClassAwareSampler` over synthetic labels). Steps are interleaved (plain, BAKE, BAKE, plain,
 ... so that drift in machine load hits both alike); each timed step is forward + loss + backward + optimizer step.
 Prints mean/median step times, the ratio BAKE / plain and writes a JSON result with ``--output``.
 
@@ -28,9 +28,10 @@ from timm.task import ClassificationTask
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from dr.bake import BakeTask, bake_loss, bake_targets  # noqa: E402
+from dr.bake.sampler import ClassAwareSampler, check_batch_size  # noqa: E402
+from dr.bake.targets import bake_loss, bake_targets  # noqa: E402
+from dr.bake.task import BakeTask  # noqa: E402
 from dr.io import atomic_write, software_versions  # noqa: E402
-from dr.samplers import ClassAwareSampler, check_batch_size  # noqa: E402
 
 _logger = logging.getLogger('bake_overhead')
 

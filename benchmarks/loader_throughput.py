@@ -5,7 +5,7 @@ Both loaders produce the same kind of batch from the same images with the same w
 random-resized crop + flip + RandAugment (2 ops, magnitude 9) + random erasing (p=0.25) at the same input size,
 batch size and worker count.
 
-* ``reinforced``: ``dr.rd_loader.create_reinforced_loader`` over tar shards (original PNG bytes + stored records);
+* ``reinforced``: ``dr.reinforce.create_reinforced_loader`` over tar shards (original PNG bytes + stored records);
   each sample decodes its image and records, replays one stored augmentation and densifies its top-k target.
 * ``timm``: ``timm.data.create_loader`` over the same images as an ImageFolder of PNG files with the shards'
   augmentation family: ``auto_augment='rand-m9-n2-mstd0'``, ``re_prob=0.25``, ``re_mode='const'`` for
@@ -38,11 +38,11 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from dr.augment import AugmentSpec, create_augment_spec, sample_records  # noqa: E402
 from dr.data import DigitsDataset  # noqa: E402
 from dr.io import atomic_write, sha256_file, software_versions  # noqa: E402
-from dr.rd_format import SCHEMA_VERSION, build_shard, encode_records, record_dtype, shard_name  # noqa: E402
-from dr.rd_loader import check_reinforced, create_reinforced_loader  # noqa: E402
+from dr.reinforce.augment import AugmentSpec, create_augment_spec, sample_records  # noqa: E402
+from dr.reinforce.format import SCHEMA_VERSION, build_shard, encode_records, record_dtype, shard_name  # noqa: E402
+from dr.reinforce.loader import check_reinforced, create_reinforced_loader  # noqa: E402
 
 _logger = logging.getLogger('loader_throughput')
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """reinforce.py writer throughput vs the teacher's bare forward throughput on the same batches, side by side.
 
-The writer path is the real one (``dr.reinforced.Reinforcer.run``: data-loader workers decode and augment, the main
+The writer path is the real one (``dr.reinforce.Reinforcer.run``: data-loader workers decode and augment, the main
 process normalises/erases, batches augmentations across images, runs the teacher, writes and checksums shards).
 While it runs, the teacher input batches it builds are kept; afterwards the bare teacher forward (same AMP /
 channels-last settings, no data loading, no writing) is timed on exactly those batches. Both are reported as images/s
@@ -31,10 +31,11 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from dr.augment import create_augment_spec  # noqa: E402
 from dr.io import atomic_write, software_versions  # noqa: E402
-from dr.reinforced import Reinforcer, create_source  # noqa: E402
-from dr.teachers import create_teacher  # noqa: E402
+from dr.reinforce.augment import create_augment_spec  # noqa: E402
+from dr.reinforce.sources import create_source  # noqa: E402
+from dr.reinforce.teachers import create_teacher  # noqa: E402
+from dr.reinforce.writer import Reinforcer  # noqa: E402
 
 _logger = logging.getLogger('reinforce_throughput')
 
@@ -139,7 +140,7 @@ def main(argv=None) -> dict:
 
 def _probe_item(writer: Reinforcer) -> dict:
     """One augmented image through the worker-side code (for the warm-up batch)."""
-    from dr.reinforced import _AugmentedImages
+    from dr.reinforce.writer import _AugmentedImages
     ds = _AugmentedImages(writer.source, [0], writer.spec, writer.dtype, writer.seed, writer.num_samples,
                           writer.views, writer.num_classes)
     return ds[0]

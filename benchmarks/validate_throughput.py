@@ -46,8 +46,7 @@ def main(argv=None):
     from timm.data import resolve_data_config
 
     from dr.data import DigitsDataset
-    from dr.eval_sets import EvalPart, IndexedDataset, View
-    from dr.evaluation import (
+    from dr.evaluate.loop import (
         NormalizedModel,
         create_eval_loader,
         evaluate_part,
@@ -55,6 +54,7 @@ def main(argv=None):
         summarize_records,
         to_unit_range,
     )
+    from dr.evaluate.sets import EvalPart, IndexedDataset, View
 
     device = torch.device(args.device)
     if args.threads:

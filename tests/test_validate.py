@@ -231,7 +231,7 @@ def test_torchrun_two_processes_match_single_process(single_run, checkpoint_dir,
 
 def test_class_count_mismatch_is_an_error_before_any_work(checkpoint_dir, tmp_path, capsys):
     import validate
-    from dr.eval_sets import imagenet_synsets, subset_indices
+    from dr.evaluate.sets import imagenet_synsets, subset_indices
     wnid = imagenet_synsets()[subset_indices('a')[0]]
     _png(str(tmp_path / 'suite' / 'imagenet-a' / wnid / 'x.png'), 3)
     results = tmp_path / 'out' / 'r.json'
@@ -268,7 +268,8 @@ def test_unreadable_image_is_reported_with_its_path(checkpoint_dir, tmp_path, ca
 
 
 def test_results_file_helpers(tmp_path):
-    from dr.evaluation import csv_columns, gather_records, load_results, merge_rows, write_results
+    from dr.evaluate.loop import gather_records
+    from dr.evaluate.report import csv_columns, load_results, merge_rows, write_results
     rows = [{'tag': 'a', 'set': 'digits', 'top1': 90.0, 'fgsm_top1_eps16': 1.0, 'fgsm_top1_eps2': 50.0,
              'calibration_bins': {'count': [1]}, 'ece': float('nan')}]
     cols = csv_columns(rows)

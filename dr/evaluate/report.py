@@ -1,0 +1,230 @@
+"""Reporting evaluation results: results files (JSON/CSV), printed tables and reliability diagrams."""
+import contextlib
+import csv
+import hashlib
+import json
+import logging
+import math
+import os
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from ..io import atomic_write
+from .calibration import (
+    DEFAULT_BINS,
+    ArrayLike,
+    bin_sums,
+    bins_from_sums,
+    confidences_and_correct,
+    ece_from_sums,
+)
+
+_logger = logging.getLogger(__name__)
+
+TIMM_COLUMNS = ('model', 'top1', 'top1_err', 'top5', 'top5_err', 'param_count', 'img_size', 'crop_pct',
+                'interpolation')
+OUR_COLUMNS = ('set', 'tag', 'ece', 'mce', 'nll', 'count', 'skipped', 'num_classes', 'corruption', 'severity',
+               'c_mean_err', 'c_extra_mean_err', 'c_mce', 'c_100_minus_mce', 'c_rel_mean_err',
+               'fgsm_count', 'autoattack_top1', 'autoattack_count', 'autoattack_status',
+               'checkpoint', 'checkpoint_sha256', 'use_ema', 'amp', 'config_key', 'convention')
+JSON_ONLY = ('calibration_bins', 'fgsm', 'c_corruptions')
+
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# results files
+
+def config_key(values: Dict[str, Any]) -> str:
+    """Short hash of everything that determines a row's numbers (rows with the same key are reused on reruns)."""
+    text = json.dumps(values, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def results_paths(results_file: str) -> Tuple[str, str]:
+    """(json path, csv path) for ``--results-file`` (``x``, ``x.json`` or ``x.csv`` all give ``x.json`` + ``x.csv``)."""
+    stem, ext = os.path.splitext(results_file)
+    if ext.lower() not in ('.json', '.csv'):
+        stem = results_file
+    return stem + '.json', stem + '.csv'
+
+
+def load_results(results_file: str) -> Dict[str, Any]:
+    """Existing results (``{'meta': ..., 'results': [...]}``) or an empty document.
+
+    Raises:
+        ValueError: naming the file when it exists but is not a results document (it is never overwritten then).
+    """
+    path, _ = results_paths(results_file)
+    if not os.path.isfile(path):
+        return {'meta': {}, 'results': []}
+    try:
+        with open(path) as f:
+            doc = json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f'Results file {path} exists but is not valid JSON ({e}); move it away or pick another '
+                         f'--results-file') from None
+    if not isinstance(doc, dict) or not isinstance(doc.get('results'), list):
+        raise ValueError(f'Results file {path} is not a validate.py results document')
+    return doc
+
+
+def merge_rows(existing: Sequence[Dict[str, Any]], new: Sequence[Dict[str, Any]]) -> List[Dict[str, Any]]:
+    """Existing rows with the (tag, set) of a new row are replaced; all other rows are kept in order."""
+    new_keys = {(r.get('tag'), r.get('set')) for r in new}
+    kept = [r for r in existing if (r.get('tag'), r.get('set')) not in new_keys]
+    return kept + list(new)
+
+
+def csv_columns(rows: Sequence[Dict[str, Any]]) -> List[str]:
+    """timm's validate.py columns first, then ours, then FGSM and any other keys (JSON-only keys excluded)."""
+    cols = list(TIMM_COLUMNS) + [c for c in OUR_COLUMNS]
+    extra = sorted({k for r in rows for k in r if k not in cols and k not in JSON_ONLY},
+                   key=lambda k: (not k.startswith('fgsm_top1_eps'), _eps_of(k), k))
+    return cols + extra
+
+
+def _eps_of(key: str) -> float:
+    if key.startswith('fgsm_top1_eps'):
+        with contextlib.suppress(ValueError):
+            return float(key[len('fgsm_top1_eps'):])
+    return 0.0
+
+
+def _json_safe(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, (np.floating, np.integer)):
+        return _json_safe(value.item())
+    return value
+
+
+def write_results(results_file: str, rows: Sequence[Dict[str, Any]], meta: Dict[str, Any]) -> Tuple[str, str]:
+    """Write the JSON document and the CSV table atomically (non-finite numbers become null / empty)."""
+    json_path, csv_path = results_paths(results_file)
+    doc = {'meta': _json_safe(meta), 'results': [_json_safe(r) for r in rows]}
+    with atomic_write(json_path, 'w') as f:
+        json.dump(doc, f, indent=2)
+        f.write('\n')
+    cols = csv_columns(rows)
+    with atomic_write(csv_path, 'w') as f:
+        writer = csv.DictWriter(f, fieldnames=cols, extrasaction='ignore', lineterminator='\n')
+        writer.writeheader()
+        for r in rows:
+            writer.writerow({k: _csv_value(r.get(k)) for k in cols})
+    return json_path, csv_path
+
+
+def _csv_value(v: Any) -> Any:
+    if v is None or (isinstance(v, float) and not math.isfinite(v)):
+        return ''
+    if isinstance(v, float):
+        return f'{v:.4f}'.rstrip('0').rstrip('.') if abs(v) < 1e6 else v
+    return v
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# printing
+
+def format_number(v: Any, digits: int = 2) -> str:
+    if v is None or (isinstance(v, float) and not math.isfinite(v)):
+        return 'n/a'
+    if isinstance(v, float):
+        return f'{v:.{digits}f}'
+    return str(v)
+
+
+def format_table(headers: Sequence[str], rows: Sequence[Sequence[Any]], digits: int = 2) -> str:
+    """Plain-text table with right-aligned numbers."""
+    cells = [[format_number(c, digits) for c in r] for r in rows]
+    widths = [max([len(h)] + [len(r[i]) for r in cells]) for i, h in enumerate(headers)]
+    line = '  '.join(h.ljust(w) if i == 0 else h.rjust(w) for i, (h, w) in enumerate(zip(headers, widths)))
+    out = [line, '-' * len(line)]
+    for r in cells:
+        out.append('  '.join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))))
+    return '\n'.join(out)
+
+
+def headline(row: Dict[str, Any]) -> float:
+    """The number a set contributes to the suite table: top-1 (%), or for -C sets 100 - mCE (ImageNet-C) /
+    100 - mean error (digits-C)."""
+    if row.get('set') == 'imagenet-c':
+        return row.get('c_100_minus_mce', float('nan'))
+    if row.get('set') == 'digits-c':
+        v = row.get('c_mean_err')
+        return 100.0 - v if v is not None else float('nan')
+    v = row.get('top1')
+    return float('nan') if v is None else v
+
+
+
+
+def reliability_diagram_from_confidences(
+        confidences: ArrayLike,
+        correct: ArrayLike,
+        path: str,
+        n_bins: int = DEFAULT_BINS,
+        title: Optional[str] = None,
+) -> str:
+    """Write a reliability diagram (accuracy per confidence bin vs the diagonal, plus a histogram) as PNG."""
+    return reliability_diagram_from_sums(*bin_sums(confidences, correct, n_bins), path=path, title=title)
+
+
+def reliability_diagram_from_sums(
+        count: ArrayLike,
+        conf_sum: ArrayLike,
+        correct_sum: ArrayLike,
+        path: str,
+        title: Optional[str] = None,
+) -> str:
+    """Reliability diagram PNG from per-bin sums (``bin_sums``), written atomically to ``path``."""
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+
+    bins = bins_from_sums(count, conf_sum, correct_sum)
+    n_bins = len(bins['count'])
+    ece = ece_from_sums(count, conf_sum, correct_sum)
+    total = max(int(bins['count'].sum()), 1)
+    centers = (bins['lower'] + bins['upper']) / 2
+    width = 1.0 / n_bins
+    acc = np.nan_to_num(bins['accuracy'], nan=0.0)
+    conf = np.where(bins['count'] > 0, bins['confidence'], centers)
+
+    fig, (ax, ax_hist) = plt.subplots(2, 1, figsize=(4.5, 5.5), gridspec_kw={'height_ratios': [3, 1]}, sharex=True)
+    ax.bar(centers, acc, width=width, edgecolor='black', color='tab:blue', label='accuracy')
+    gap_lo = np.minimum(acc, conf)
+    ax.bar(centers, np.where(bins['count'] > 0, np.abs(conf - acc), 0.0), bottom=gap_lo, width=width,
+           edgecolor='tab:red', color='tab:red', alpha=0.3, hatch='//', label='gap to confidence')
+    ax.plot([0, 1], [0, 1], '--', color='gray', label='perfect calibration')
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.set_ylabel('accuracy')
+    ax.legend(loc='upper left', fontsize=8)
+    ax.text(0.97, 0.05, f'ECE {100 * ece:.2f}%\nN {int(bins["count"].sum())}', ha='right', va='bottom',
+            transform=ax.transAxes, fontsize=9, bbox=dict(facecolor='white', alpha=0.8))
+    ax.set_title(title or 'Reliability diagram', fontsize=10)
+    ax_hist.bar(centers, bins['count'] / total, width=width, edgecolor='black', color='tab:gray')
+    ax_hist.set_xlabel(f'top-1 confidence ({n_bins} bins)')
+    ax_hist.set_ylabel('fraction')
+    fig.tight_layout()
+    with atomic_write(path, 'wb') as f:
+        fig.savefig(f, format='png', dpi=100)
+    plt.close(fig)
+    return path
+
+
+def reliability_diagram(
+        probs: ArrayLike,
+        targets: ArrayLike,
+        path: str,
+        n_bins: int = DEFAULT_BINS,
+        title: Optional[str] = None,
+) -> str:
+    """Reliability diagram PNG for class probabilities ``probs`` [N, K] and labels ``targets`` [N]."""
+    conf, correct = confidences_and_correct(probs, targets)
+    return reliability_diagram_from_confidences(conf, correct, path, n_bins=n_bins, title=title)

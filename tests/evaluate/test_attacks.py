@@ -1,0 +1,132 @@
+"""FGSM and AutoAttack in [0, 1] pixel space with the normalisation inside the model."""
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from dr.data import DigitsDataset
+from dr.evaluate.attacks import autoattack_correct, autoattack_status, create_autoattack, fgsm_correct
+from dr.evaluate.loop import AttackConfig, NormalizedModel, create_eval_loader, evaluate_part, summarize_records
+from dr.evaluate.sets import View, build_parts
+
+SIZE = 16
+MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
+
+
+def _tiny_cnn():
+    return nn.Sequential(
+        nn.Conv2d(3, 16, 3, stride=2, padding=1), nn.ReLU(),
+        nn.Conv2d(16, 32, 3, stride=2, padding=1), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10))
+
+
+pytestmark = pytest.mark.usefixtures('one_thread')
+
+
+@pytest.fixture(scope='module')
+def digits_model(one_thread):
+    """A small CNN trained for a few seconds on the digits train split (normalisation inside)."""
+    torch.manual_seed(0)
+    ds = DigitsDataset('train', img_size=SIZE)
+    x = torch.tensor(np.stack(ds.images)).permute(0, 3, 1, 2).float() / 255.0
+    y = torch.tensor(ds.targets)
+    model = NormalizedModel(_tiny_cnn(), MEAN, STD)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(12):
+        perm = torch.randperm(len(x), generator=g)
+        for i in range(0, len(x), 128):
+            idx = perm[i:i + 128]
+            loss = F.cross_entropy(model(x[idx]), y[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    return model.eval()
+
+
+def test_fgsm_matches_hand_computation_on_linear_model():
+    torch.manual_seed(1)
+    lin = nn.Linear(3 * 4 * 4, 5)
+    model = nn.Sequential(nn.Flatten(), lin)
+    x = torch.rand(16, 3, 4, 4)
+    y = torch.randint(0, 5, (16,))
+    eps = [0.0, 3.0, 50.0]
+    got = fgsm_correct(model, x, y, eps)
+    # d CE / d x = W^T (softmax - onehot), per sample
+    p = F.softmax(model(x), dim=1)
+    grad = (p - F.one_hot(y, 5).float()) @ lin.weight
+    for j, e in enumerate(eps):
+        x_adv = (x.flatten(1) + e / 255.0 * grad.sign()).clamp(0, 1)
+        expected = lin(x_adv).argmax(1).eq(y)
+        assert torch.equal(got[:, j], expected)
+    assert torch.equal(got[:, 0], model(x).argmax(1).eq(y))
+    with pytest.raises(ValueError):
+        fgsm_correct(model, x, y, [-1.0])
+
+
+def test_fgsm_sweep_non_increasing_on_trained_digits_model(digits_model):
+    part, = build_parts('digits', digits_size=SIZE)
+    cfg = {'input_size': (3, SIZE, SIZE), 'interpolation': 'bicubic', 'mean': MEAN, 'std': STD, 'crop_pct': 1.0,
+           'crop_mode': 'center'}
+    eps = [0, 1, 2, 4, 8, 16]
+    loader = create_eval_loader(part.dataset, cfg, batch_size=128)
+    records, _ = evaluate_part(digits_model, part, loader, torch.device('cpu'), attack=AttackConfig(fgsm_eps=eps),
+                               progress=False)
+    s = summarize_records(records['digits'], fgsm_eps=eps)
+    accs = [s[f'fgsm_top1_eps{e}'] for e in eps]
+    assert s['top1'] > 80.0, s['top1']  # the model learned
+    assert accs[0] == pytest.approx(s['top1'])  # eps 0 is the clean accuracy
+    assert all(a >= b for a, b in zip(accs, accs[1:])), accs
+    assert accs[-1] < s['top1'] - 20.0, accs
+    assert s['fgsm_count'] == s['count'] == 359
+
+
+def test_fgsm_on_restricted_view_uses_view_logits():
+    # a view that keeps 2 of 5 columns: the attack must use the restricted cross-entropy
+    torch.manual_seed(2)
+    lin = nn.Linear(12, 5)
+    model = nn.Sequential(nn.Flatten(), lin)
+    x = torch.rand(32, 3, 2, 2)
+    view = View('sub', columns=[1, 3], target_map={1: 0, 3: 1})
+    y = torch.randint(0, 2, (32,))
+    got = fgsm_correct(model, x, y, [8.0], head=view.logits)
+    w = lin.weight[[1, 3]]
+    b = lin.bias[[1, 3]]
+    p = F.softmax(x.flatten(1) @ w.T + b, dim=1)
+    grad = (p - F.one_hot(y, 2).float()) @ w
+    x_adv = (x.flatten(1) + 8 / 255.0 * grad.sign()).clamp(0, 1)
+    assert torch.equal(got[:, 0], (x_adv @ w.T + b).argmax(1).eq(y))
+
+
+def test_autoattack_runs_and_breaks_a_plain_model(digits_model):
+    ok, status = autoattack_status()
+    if not ok:  # the package is a declared extra; say so instead of passing silently
+        pytest.skip(status)
+    assert status.startswith('torchattacks')
+    ds = DigitsDataset('val', img_size=SIZE)
+    x = torch.tensor(np.stack(ds.images[:8])).permute(0, 3, 1, 2).float() / 255.0
+    y = torch.tensor(ds.targets[:8])
+    # a large budget lets APGD-CE break every image, so the later (expensive) attacks have nothing left to do
+    attack = create_autoattack(digits_model, n_classes=10, eps_255=32.0, seed=0)
+    correct = autoattack_correct(attack, digits_model, x, y)
+    clean = digits_model(x).argmax(1).eq(y)
+    assert correct.shape == (8,) and correct.dtype == torch.bool
+    assert not (correct & ~clean).any()  # an image wrong when clean stays wrong
+    assert int(correct.sum()) < int(clean.sum())
+
+
+def test_autoattack_unavailable_is_reported(monkeypatch):
+    import builtins
+    real_import = builtins.__import__
+
+    def fake_import(name, *args, **kwargs):
+        if name == 'torchattacks' or name.startswith('torchattacks.'):
+            raise ImportError('simulated missing package')
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, '__import__', fake_import)
+    ok, status = autoattack_status()
+    assert not ok and status.startswith('unavailable:') and 'simulated missing package' in status
+    with pytest.raises(RuntimeError, match='unavailable'):
+        create_autoattack(nn.Linear(2, 2), n_classes=2)

@@ -1,0 +1,13 @@
+"""Paths and subprocess settings shared by the tests."""
+import os
+from typing import Dict, Optional
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def subprocess_env(extra_path: Optional[str] = None, **overrides: str) -> Dict[str, str]:
+    """Environment for running the repository's scripts in a child process (one thread, this checkout first)."""
+    path = REPO if extra_path is None else os.pathsep.join([extra_path, REPO])
+    env = dict(os.environ, OMP_NUM_THREADS='1', PYTHONPATH=path)
+    env.update(overrides)
+    return env
