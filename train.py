@@ -9,6 +9,7 @@ schedulers, EMA, checkpoint saver) and ``timm.task`` training tasks.
     torchrun --nproc_per_node=8 train.py /data/imagenet --config hparams/bake/in1k/resnet50_bake.yaml
 """
 import argparse
+import dataclasses
 import json
 import logging
 import math
@@ -365,6 +366,40 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     """Train; returns the final summary (best metric, output dir, last eval metrics)."""
     args, _ = parse_args(argv)
     parser = vars(args).pop('_parser')
+    device = _setup_process(args)
+    rd_meta, train_ds, val_ds = _prepare_data(args)
+    model, data_config = create_train_model(args, device)
+    run = _setup_training(args, model, device, rd_meta)
+    run.train_loader, run.eval_loader = create_train_eval_loaders(args, train_ds, val_ds, data_config, rd_meta, device)
+    _setup_schedule(args, run)
+    if args.rank == 0:
+        _setup_outputs(args, parser, model, run)
+    result = train_epochs(args, run, device)
+    _finish(args, run, result)
+    return result
+
+
+@dataclasses.dataclass
+class TrainRun:
+    """The pieces the epoch loop works with."""
+    task: nn.Module
+    optimizer: torch.optim.Optimizer
+    amp_autocast: Any
+    loss_scaler: Optional[NativeScaler] = None
+    mixup_fn: Optional[Mixup] = None
+    resume_epoch: Optional[int] = None
+    train_loader: Any = None
+    eval_loader: Any = None
+    lr_scheduler: Any = None
+    num_epochs: int = 0
+    start_epoch: int = 0
+    updates_per_epoch: int = 0
+    output_dir: Optional[str] = None
+    saver: Optional[CheckpointSaver] = None
+
+
+def _setup_process(args: argparse.Namespace) -> torch.device:
+    """Device and process group, logging, and the seed that makes the model init identical on every rank."""
     if args.device is None:
         args.device = 'cuda' if torch.cuda.is_available() else 'cpu'
     device = utils.init_distributed_device(args)
@@ -372,7 +407,11 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     if args.distributed:
         _logger.info(f'Distributed training: process {args.rank} of {args.world_size} on {device}')
     utils.random_seed(args.seed, 0)  # identical model init on every rank
+    return device
 
+
+def _prepare_data(args: argparse.Namespace):
+    """Reinforced-shard metadata and datasets; fills in ``num_classes`` and the digits image size."""
     rd_meta = None
     if args.reinforced:
         from dr.reinforce.loader import check_reinforced
@@ -385,7 +424,11 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
             args.img_size = args.digits_size
         elif rd_meta is not None and rd_meta.get('dataset', {}).get('digits_size'):
             args.img_size = int(rd_meta['dataset']['digits_size'])
+    return rd_meta, train_ds, val_ds
 
+
+def create_train_model(args: argparse.Namespace, device: torch.device) -> Tuple[nn.Module, Dict[str, Any]]:
+    """The timm model on ``device`` (initial weights, channels-last, SyncBN) and its resolved data config."""
     model_kwargs = dr_config.parse_key_values(args.model_kwargs, '--model-kwargs')
     if args.in_chans is not None:
         model_kwargs['in_chans'] = args.in_chans
@@ -411,23 +454,26 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     elif args.bake and args.distributed and device.type == 'cuda' and args.rank == 0:
         _logger.warning('BAKE with per-GPU BatchNorm: the paper (Table 15) recommends --sync-bn')
+    return model, data_config
 
+
+def _setup_training(args: argparse.Namespace, model: nn.Module, device: torch.device,
+                    rd_meta: Optional[Dict[str, Any]]) -> TrainRun:
+    """Task, optimizer, AMP, resumed state, EMA, compile and DDP, in that order."""
     _resolve_lr(args)
     mixup_active = (args.mixup > 0 or args.cutmix > 0 or args.cutmix_minmax is not None)
     criterion = _create_criterion(args, mixup_active)
     task = create_task(args, model, criterion, device, rd_meta)
     task.to(device)
     optimizer = create_optimizer_v2(model, **optimizer_kwargs(cfg=args))
-
-    amp_autocast = _amp_context(args, device)
-    loss_scaler = None
+    run = TrainRun(task=task, optimizer=optimizer, amp_autocast=_amp_context(args, device))
     if args.amp and device.type == 'cuda' and args.amp_dtype == 'float16':
-        loss_scaler = NativeScaler(device=device.type)
+        run.loss_scaler = NativeScaler(device=device.type)
 
-    resume_epoch = None
     if args.resume:
-        resume_epoch = resume_task_checkpoint(task, args.resume, optimizer=None if args.no_resume_opt else optimizer,
-                                              loss_scaler=loss_scaler, log_info=args.rank == 0)
+        run.resume_epoch = resume_task_checkpoint(
+            task, args.resume, optimizer=None if args.no_resume_opt else optimizer, loss_scaler=run.loss_scaler,
+            log_info=args.rank == 0)
     if args.model_ema:
         task.setup_ema(decay=args.model_ema_decay, use_warmup=args.model_ema_warmup, device=device)
         if args.resume:
@@ -438,15 +484,19 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
             task.compile_ema(backend=args.torchcompile)
     if args.distributed:
         task.prepare_distributed(device_ids=[device.index] if device.type == 'cuda' else None)
+    if mixup_active:
+        run.mixup_fn = Mixup(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, cutmix_minmax=args.cutmix_minmax,
+                             prob=args.mixup_prob, switch_prob=args.mixup_switch_prob, mode=args.mixup_mode,
+                             label_smoothing=args.smoothing, num_classes=args.num_classes)
+    return run
 
-    # data
+
+def create_train_eval_loaders(args: argparse.Namespace, train_ds, val_ds, data_config: Dict[str, Any],
+                              rd_meta: Optional[Dict[str, Any]], device: torch.device) -> Tuple[Any, Any]:
+    """The training loader (reinforced shards, a streaming timm loader, or a map-style loader with the class-aware
+    sampler under BAKE) and the evaluation loader (None without a validation split)."""
     input_size = resolve_input_size(data_config)
     use_prefetcher = device.type == 'cuda' and not args.no_prefetcher
-    mixup_fn = None
-    if mixup_active:
-        mixup_fn = Mixup(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, cutmix_minmax=args.cutmix_minmax,
-                         prob=args.mixup_prob, switch_prob=args.mixup_switch_prob, mode=args.mixup_mode,
-                         label_smoothing=args.smoothing, num_classes=args.num_classes)
     train_interpolation = args.train_interpolation
     if args.no_aug or not train_interpolation:
         train_interpolation = data_config['interpolation']
@@ -492,79 +542,89 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
             is_training=False, interpolation=data_config['interpolation'], mean=data_config['mean'],
             std=data_config['std'], num_workers=args.workers, distributed=args.distributed,
             crop_pct=data_config['crop_pct'], pin_memory=args.pin_mem, device=device, use_prefetcher=use_prefetcher)
+    return train_loader, eval_loader
 
-    # schedule and outputs
-    updates_per_epoch = (len(train_loader) + args.grad_accum_steps - 1) // args.grad_accum_steps
-    lr_scheduler, num_epochs = create_scheduler_v2(
-        optimizer, **scheduler_kwargs(args, decreasing_metric='loss' in args.eval_metric),
-        updates_per_epoch=updates_per_epoch)
-    start_epoch = 0
+
+def _setup_schedule(args: argparse.Namespace, run: TrainRun) -> None:
+    """The LR scheduler, the number of epochs and the first epoch (stepped to where a resumed run left off)."""
+    run.updates_per_epoch = (len(run.train_loader) + args.grad_accum_steps - 1) // args.grad_accum_steps
+    run.lr_scheduler, run.num_epochs = create_scheduler_v2(
+        run.optimizer, **scheduler_kwargs(args, decreasing_metric='loss' in args.eval_metric),
+        updates_per_epoch=run.updates_per_epoch)
     if args.start_epoch is not None:
-        start_epoch = args.start_epoch
-    elif resume_epoch is not None:
-        start_epoch = resume_epoch
-    if lr_scheduler is not None and start_epoch > 0:
+        run.start_epoch = args.start_epoch
+    elif run.resume_epoch is not None:
+        run.start_epoch = run.resume_epoch
+    if run.lr_scheduler is not None and run.start_epoch > 0:
         if args.sched_on_updates:
-            lr_scheduler.step_update(start_epoch * updates_per_epoch)
+            run.lr_scheduler.step_update(run.start_epoch * run.updates_per_epoch)
         else:
-            lr_scheduler.step(start_epoch)
+            run.lr_scheduler.step(run.start_epoch)
 
-    output_dir = None
-    saver = None
-    if args.rank == 0:
-        output_dir = _output_dir(args)
-        dr_config.save_args_yaml(dr_config.args_to_yaml(args, parser), output_dir)
-        with atomic_write(os.path.join(output_dir, 'versions.json'), 'w') as f:
-            json.dump(software_versions(), f, indent=2)
-        saver = CheckpointSaver(model=model, optimizer=optimizer, args=args, amp_scaler=loss_scaler,
+
+def _setup_outputs(args: argparse.Namespace, parser: argparse.ArgumentParser, model: nn.Module, run: TrainRun) -> None:
+    """Rank 0: the run folder with args.yaml and versions.json, the checkpoint saver and wandb."""
+    run.output_dir = output_dir = _output_dir(args)
+    dr_config.save_args_yaml(dr_config.args_to_yaml(args, parser), output_dir)
+    with atomic_write(os.path.join(output_dir, 'versions.json'), 'w') as f:
+        json.dump(software_versions(), f, indent=2)
+    run.saver = CheckpointSaver(model=model, optimizer=run.optimizer, args=args, amp_scaler=run.loss_scaler,
                                 checkpoint_dir=output_dir, recovery_dir=output_dir,
-                                decreasing='loss' in args.eval_metric, max_history=args.checkpoint_hist, task=task)
-        if args.resume and os.path.dirname(os.path.abspath(args.resume)) == os.path.abspath(output_dir):
-            saver.load_state_dict_from_checkpoint(args.resume)
-        if args.log_wandb:
-            from dr.wandb_logger import init_wandb
-            init_wandb(output_dir, args.wandb_project, config=vars(args), name=args.experiment,
-                       tags=args.wandb_tags, run_id=args.wandb_resume_id or None)
-        _logger.info(f'Scheduled epochs: {num_epochs}, {updates_per_epoch} updates per epoch; outputs: {output_dir}')
+                                decreasing='loss' in args.eval_metric, max_history=args.checkpoint_hist, task=run.task)
+    if args.resume and os.path.dirname(os.path.abspath(args.resume)) == os.path.abspath(output_dir):
+        run.saver.load_state_dict_from_checkpoint(args.resume)
+    if args.log_wandb:
+        from dr.wandb_logger import init_wandb
+        init_wandb(output_dir, args.wandb_project, config=vars(args), name=args.experiment,
+                   tags=args.wandb_tags, run_id=args.wandb_resume_id or None)
+    _logger.info(f'Scheduled epochs: {run.num_epochs}, {run.updates_per_epoch} updates per epoch; '
+                 f'outputs: {output_dir}')
 
+
+def train_epochs(args: argparse.Namespace, run: TrainRun, device: torch.device) -> Dict[str, Any]:
+    """The epoch loop: train, evaluate (and the EMA), log a summary row, checkpoint, step the schedule."""
     best_metric, best_epoch, eval_metrics = None, None, None
-    stop_epoch = num_epochs if args.stop_epoch is None else min(num_epochs, args.stop_epoch)
-    for epoch in range(start_epoch, stop_epoch):
+    stop_epoch = run.num_epochs if args.stop_epoch is None else min(run.num_epochs, args.stop_epoch)
+    for epoch in range(run.start_epoch, stop_epoch):
         seed_everything_for_epoch(args.seed, epoch, args.rank)
-        if hasattr(train_loader, 'set_epoch'):
-            train_loader.set_epoch(epoch)
-        if mixup_fn is not None and args.mixup_off_epoch and epoch >= args.mixup_off_epoch:
-            mixup_fn.mixup_enabled = False
-        train_metrics = train_one_epoch(epoch, task, train_loader, optimizer, args, device, lr_scheduler,
-                                        amp_autocast, loss_scaler, mixup_fn, saver, updates_per_epoch)
-        if eval_loader is not None:
-            eval_metrics = validate(task, eval_loader, args, amp_autocast)
-            if task.has_ema():
-                ema_metrics = validate(task, eval_loader, args, amp_autocast, ema=True)
+        if hasattr(run.train_loader, 'set_epoch'):
+            run.train_loader.set_epoch(epoch)
+        if run.mixup_fn is not None and args.mixup_off_epoch and epoch >= args.mixup_off_epoch:
+            run.mixup_fn.mixup_enabled = False
+        train_metrics = train_one_epoch(epoch, run.task, run.train_loader, run.optimizer, args, device,
+                                        run.lr_scheduler, run.amp_autocast, run.loss_scaler, run.mixup_fn, run.saver,
+                                        run.updates_per_epoch)
+        if run.eval_loader is not None:
+            eval_metrics = validate(run.task, run.eval_loader, args, run.amp_autocast)
+            if run.task.has_ema():
+                ema_metrics = validate(run.task, run.eval_loader, args, run.amp_autocast, ema=True)
                 eval_metrics.update((f'ema_{k}', v) for k, v in ema_metrics.items())
         if args.rank == 0:
-            lrs = [g['lr'] for g in optimizer.param_groups]
-            utils.update_summary(epoch, train_metrics, eval_metrics or {}, os.path.join(output_dir, 'summary.csv'),
-                                 lr=sum(lrs) / len(lrs), log_wandb=args.log_wandb)
+            lrs = [g['lr'] for g in run.optimizer.param_groups]
+            utils.update_summary(epoch, train_metrics, eval_metrics or {},
+                                 os.path.join(run.output_dir, 'summary.csv'), lr=sum(lrs) / len(lrs),
+                                 log_wandb=args.log_wandb)
             metric = eval_metrics[args.eval_metric] if eval_metrics else None
-            best_metric, best_epoch = saver.save_checkpoint(epoch, metric=metric)
-        if lr_scheduler is not None:
-            lr_scheduler.step(epoch + 1, eval_metrics[args.eval_metric] if eval_metrics else None)
+            best_metric, best_epoch = run.saver.save_checkpoint(epoch, metric=metric)
+        if run.lr_scheduler is not None:
+            run.lr_scheduler.step(epoch + 1, eval_metrics[args.eval_metric] if eval_metrics else None)
+    return OrderedDict(output_dir=run.output_dir, best_metric=best_metric, best_epoch=best_epoch,
+                       eval_metric=args.eval_metric, last_eval=eval_metrics)
 
-    result = OrderedDict(output_dir=output_dir, best_metric=best_metric, best_epoch=best_epoch,
-                         eval_metric=args.eval_metric, last_eval=eval_metrics)
+
+def _finish(args: argparse.Namespace, run: TrainRun, result: Dict[str, Any]) -> None:
+    """Rank 0 writes results.json and closes wandb; every rank leaves the process group."""
     if args.rank == 0:
-        with atomic_write(os.path.join(output_dir, 'results.json'), 'w') as f:
+        with atomic_write(os.path.join(run.output_dir, 'results.json'), 'w') as f:
             json.dump(result, f, indent=2)
-        if best_metric is not None:
-            _logger.info(f'*** Best metric: {best_metric} (epoch {best_epoch})')
+        if result['best_metric'] is not None:
+            _logger.info(f'*** Best metric: {result["best_metric"]} (epoch {result["best_epoch"]})')
         if args.log_wandb:
             import wandb
             wandb.finish()
     if args.distributed:
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
-    return result
 
 
 def train_one_epoch(
