@@ -199,7 +199,7 @@ def test_rerun_reuses_rows_and_keeps_other_rows(single_run, caplog):
     doc['results'].append({**doc['results'][0], 'tag': 'another-model', 'top1': 12.5})
     with open(results, 'w') as f:
         json.dump(doc, f)
-    with caplog.at_level('INFO', logger='validate'):
+    with caplog.at_level('INFO', logger='dr.evaluate'):
         out = validate.main(args)
     reused = [r for r in caplog.messages if 'reusing rows' in r]
     assert len(reused) == 12  # digits, digits-c/clean and the 10 corruption parts: nothing recomputed

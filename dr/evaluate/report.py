@@ -11,6 +11,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from ..io import atomic_write
+from ..wandb_logger import init_wandb
 from .calibration import (
     DEFAULT_BINS,
     ArrayLike,
@@ -19,6 +20,7 @@ from .calibration import (
     confidences_and_correct,
     ece_from_sums,
 )
+from .sets import SET_SPECS
 
 _logger = logging.getLogger(__name__)
 
@@ -29,7 +31,7 @@ OUR_COLUMNS = ('set', 'tag', 'ece', 'mce', 'nll', 'count', 'skipped', 'num_class
                'fgsm_count', 'autoattack_top1', 'autoattack_count', 'autoattack_status',
                'checkpoint', 'checkpoint_sha256', 'use_ema', 'amp', 'config_key', 'convention')
 JSON_ONLY = ('calibration_bins', 'fgsm', 'c_corruptions')
-
+HEADLINE_KEYS = ('top1', 'top5', 'ece', 'mce', 'nll', 'c_mce', 'c_mean_err', 'autoattack_top1')
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -161,6 +163,118 @@ def headline(row: Dict[str, Any]) -> float:
     return float('nan') if v is None else v
 
 
+def _table_name(set_name: str) -> str:
+    return SET_SPECS[set_name].table_name if set_name in SET_SPECS else set_name
+
+
+def print_report(models: Sequence[Any], set_names: Sequence[str], fgsm_eps: Sequence[float], autoattack: bool,
+                 autoattack_status: str, missing: Sequence[str] = (), suite: Optional[str] = None) -> None:
+    """Print the suite table (one line per model), the per-set details and the -C error matrices.
+
+    Args:
+        models: objects with ``tag`` and ``rows`` (``{set: row}``), e.g. ``dr.evaluate.models.EvalModel``.
+        set_names: the evaluated sets in table order.
+        fgsm_eps: FGSM epsilons (1/255) of the run.
+        autoattack: whether AutoAttack was asked for.
+        autoattack_status: what to print when it could not run.
+        missing: sets looked for under ``suite`` and not found.
+    """
+    print_suite_table(models, set_names, fgsm_eps, autoattack, autoattack_status)
+    detail = []
+    for m in models:
+        for name, r in m.rows.items():
+            if r.get('corruption') not in ('', None, 'mean'):
+                continue
+            detail.append([m.tag, name, r.get('top1'), r.get('top5'), r.get('ece'), r.get('mce'), r.get('nll'),
+                           r.get('count'), r.get('skipped')])
+    print('\nPer set: top-1/top-5 (%), ECE/MCE (%), NLL, images, skipped:')
+    print(format_table(['model', 'set', 'top1', 'top5', 'ECE', 'MCE', 'NLL', 'count', 'skipped'], detail))
+    for m in models:
+        for c_set in ('digits-c', 'imagenet-c'):
+            if m.rows.get(c_set):
+                print_corruption_matrix(m.tag, c_set, m.rows)
+    if missing:
+        folders = {n: ' or '.join(SET_SPECS[n].folders) for n in missing}
+        print(f'\nMissing under {suite} (not evaluated): ' + '; '.join(f'{n} ({f})' for n, f in folders.items()))
+
+
+def print_suite_table(models: Sequence[Any], set_names: Sequence[str], fgsm_eps: Sequence[float], autoattack: bool,
+                      autoattack_status: str) -> None:
+    """One line per model: headline per set, mean over the shift sets, ECE and attacks on the clean set."""
+    shift = [n for n in set_names if n in SET_SPECS and SET_SPECS[n].kind in ('shift', 'corruption')]
+    clean = [n for n in set_names if n not in shift]
+    headers = ['model'] + [_table_name(n) for n in set_names]
+    if shift:
+        headers.append('avg')
+    if clean:
+        headers.append(f'ECE {_table_name(clean[0])}')
+    headers += [f'FGSM {e:g}' for e in fgsm_eps]
+    if autoattack:
+        headers.append('AutoAttack')
+    table = []
+    for m in models:
+        rows = m.rows
+        line = [m.tag] + [headline(rows[n]) if n in rows else float('nan') for n in set_names]
+        if shift:
+            sv = [v for v in (headline(rows[n]) for n in shift if n in rows) if v is not None and v == v]
+            line.append(sum(sv) / len(sv) if sv else float('nan'))
+        attacked = rows.get(clean[0]) if clean else None
+        if clean:
+            line.append(attacked.get('ece') if attacked else float('nan'))
+        line += [attacked.get(f'fgsm_top1_eps{e:g}') if attacked else float('nan') for e in fgsm_eps]
+        if autoattack:
+            line.append(attacked.get('autoattack_top1') if attacked and attacked.get('autoattack_top1') is not None
+                        else autoattack_status)
+        table.append(line)
+    print('\nTop-1 (%) per set (ImageNet-C: 100 - mCE; digits-C: 100 - mean error), avg = mean over the '
+          'shift/corruption columns that have a value, ECE (%) and attacked top-1 (%) on the clean set:')
+    print(format_table(headers, table))
+
+
+def print_corruption_matrix(tag: str, c_set: str, rows: Dict[str, Dict[str, Any]]) -> None:
+    """Top-1 error per corruption (rows) and severity (columns) of one model on a -C set."""
+    summary = rows[c_set]
+    per: Dict[str, Dict[int, float]] = {}
+    for r in rows.values():
+        if r['set'].startswith(c_set + '/') and r.get('severity') not in ('', None):
+            per.setdefault(r['corruption'], {})[int(r['severity'])] = r['top1_err']
+    lines = [[c] + [per[c].get(s, float('nan')) for s in range(1, 6)] + [sum(per[c].values()) / len(per[c])]
+             for c in per]
+    text = f'\n{tag} {c_set}: top-1 error (%) per corruption and severity; mean error {summary["c_mean_err"]:.2f}'
+    if c_set == 'imagenet-c' and summary.get('c_mce') == summary.get('c_mce'):
+        text += f', mCE {summary["c_mce"]:.2f}'
+    if summary.get('c_rel_mean_err') == summary.get('c_rel_mean_err'):
+        text += f', mean error - clean error {summary["c_rel_mean_err"]:.2f}'
+    print(text)
+    print(format_table(['corruption', 's1', 's2', 's3', 's4', 's5', 'mean'], lines))
+
+
+def log_wandb(args: Any, rows: List[Dict[str, Any]]) -> None:
+    """Log the results table and the headline metrics to one wandb run (offline mode honoured)."""
+    out_dir = (os.path.dirname(os.path.abspath(results_paths(args.results_file)[0])) if args.results_file
+               else os.path.abspath(os.path.join('output', 'validate')))
+    os.makedirs(out_dir, exist_ok=True)
+    try:
+        run = init_wandb(out_dir, args.wandb_project, config=vars(args), name='validate', tags=args.wandb_tags)
+    except Exception as e:  # logging must never lose the evaluation that was just written
+        _logger.warning(f'--log-wandb: could not start a wandb run ({e}); results are in the results file')
+        return
+    import wandb  # optional dependency, present once init_wandb succeeded
+    cols = csv_columns(rows)
+    table = wandb.Table(columns=cols, data=[[_wandb_value(r.get(c)) for c in cols] for r in rows])
+    metrics = {}
+    for r in rows:
+        for k in HEADLINE_KEYS:
+            v = r.get(k)
+            if isinstance(v, (int, float)) and v == v:
+                metrics[f'{r["tag"]}/{r["set"]}/{k}'] = v
+    run.log({'results': table, **metrics})
+    run.summary.update(metrics)
+    run.finish()
+
+
+def _wandb_value(v: Any) -> Any:
+    return str(v) if isinstance(v, (list, dict)) else v
 
 
 def reliability_diagram_from_confidences(

@@ -530,26 +530,14 @@ def build_parts(
     """
     if name not in SET_SPECS:
         raise ValueError(f'Unknown set {name!r}; known sets: {", ".join(SET_SPECS)}')
-
-    def image_list(samples):
-        if not samples:
-            raise ValueError(f'Set {name}: no images found under {path}')
-        return ImageListDataset(samples, skip_bad_images=skip_bad_images)
-
     if name in ('digits', 'digits-c'):
-        from ..data import DigitsDataset
-        base = digits_val if digits_val is not None else DigitsDataset('val', img_size=digits_size)
-        if name == 'digits':
-            return [EvalPart('digits', IndexedDataset(base), [View('digits', attack=True)])]
-        chosen = _check_corruptions(corruptions, DIGITS_C_CORRUPTIONS, DIGITS_C_DEFAULT, name)
-        parts = [EvalPart('digits-c/clean', IndexedDataset(base), [View('digits-c/clean')])]
-        for c in chosen:
-            for s in SEVERITIES:
-                ds = IndexedDataset(CorruptedDataset(base, c, s, seed=seed))
-                parts.append(EvalPart(f'digits-c/{c}/{s}', ds, [View(f'digits-c/{c}/{s}')], corruption=c, severity=s))
-        return parts
+        return _digits_parts(name, seed, digits_size, corruptions, digits_val)
+    if name == 'objectnet':
+        return _objectnet_parts(path, skip_bad_images)
+    if name == 'imagenet-c':
+        return _imagenet_c_parts(path, skip_bad_images, corruptions)
     if name == 'imagenet':
-        ds = image_list(wnid_samples(path))
+        ds = _image_list(name, path, wnid_samples(path), skip_bad_images)
         views = [View('imagenet', attack=True, real=True), subset_view('imagenet-a-clean', 'a'),
                  subset_view('imagenet-r-clean', 'r')]
         real = real_labels_for_files([p for p, _ in ds.samples])
@@ -558,45 +546,71 @@ def build_parts(
             _logger.info(f'{path}: file names are not ILSVRC2012_val_XXXXXXXX.*, no ReaL labels')
         return [EvalPart('imagenet', ds, views, real_labels=real)]
     if name.startswith('imagenetv2-'):
-        return [EvalPart(name, image_list(numeric_samples(path)), [View(name)])]
+        return [EvalPart(name, _image_list(name, path, numeric_samples(path), skip_bad_images), [View(name)])]
     if name in ('imagenet-a', 'imagenet-r'):
         subset = name[-1]
-        ds = image_list(wnid_samples(path, allowed=subset_indices(subset)))
+        ds = _image_list(name, path, wnid_samples(path, allowed=subset_indices(subset)), skip_bad_images)
         return [EvalPart(name, ds, [subset_view(name, subset)])]
     if name == 'imagenet-sketch':
-        return [EvalPart(name, image_list(wnid_samples(path)), [View(name)])]
-    if name == 'objectnet':
-        folders, groups = objectnet_mapping(os.path.join(path, 'mappings'))
-        images = os.path.join(path, 'images')
-        present = set(class_folders(images))
-        samples = []
-        for k, folder in enumerate(folders):
-            if folder in present:
-                samples.extend((p, k) for p in list_class_folder(os.path.join(images, folder)))
-        missing = [f for f in folders if f not in present]
-        if missing:
-            _logger.warning(f'ObjectNet: {len(missing)} mapped folders absent under {images}: {", ".join(missing)}')
-        return [EvalPart(name, image_list(samples), [View(name, groups=groups)],
-                         crop_border_pixels=OBJECTNET_BORDER_PIXELS)]
-    if name == 'imagenet-c':
-        present = [c for c in IMAGENET_C_CORRUPTIONS + IMAGENET_C_EXTRA if os.path.isdir(os.path.join(path, c))]
-        chosen = _check_corruptions(corruptions, IMAGENET_C_CORRUPTIONS + IMAGENET_C_EXTRA, tuple(present), name)
-        parts = []
-        for c in chosen:
-            if c not in present:
-                _logger.warning(f'ImageNet-C: corruption {c} not under {path}')
-                continue
-            for s in SEVERITIES:
-                sev_dir = os.path.join(path, c, str(s))
-                if not os.path.isdir(sev_dir):
-                    _logger.warning(f'ImageNet-C: missing {sev_dir}')
-                    continue
-                parts.append(EvalPart(f'imagenet-c/{c}/{s}', image_list(wnid_samples(sev_dir)),
-                                      [View(f'imagenet-c/{c}/{s}')], corruption=c, severity=s))
-        if not parts:
-            raise ValueError(f'ImageNet-C: no <corruption>/<severity>/ folders under {path}')
-        return parts
+        return [EvalPart(name, _image_list(name, path, wnid_samples(path), skip_bad_images), [View(name)])]
     raise ValueError(f'Set {name} has no builder')  # pragma: no cover
+
+
+def _image_list(name: str, path: str, samples: List[Tuple[str, int]], skip_bad_images: bool) -> ImageListDataset:
+    if not samples:
+        raise ValueError(f'Set {name}: no images found under {path}')
+    return ImageListDataset(samples, skip_bad_images=skip_bad_images)
+
+
+def _digits_parts(name: str, seed: int, digits_size: int, corruptions: Optional[Sequence[str]],
+                  digits_val: Optional[Dataset]) -> List[EvalPart]:
+    from ..data import DigitsDataset
+    base = digits_val if digits_val is not None else DigitsDataset('val', img_size=digits_size)
+    if name == 'digits':
+        return [EvalPart('digits', IndexedDataset(base), [View('digits', attack=True)])]
+    chosen = _check_corruptions(corruptions, DIGITS_C_CORRUPTIONS, DIGITS_C_DEFAULT, name)
+    parts = [EvalPart('digits-c/clean', IndexedDataset(base), [View('digits-c/clean')])]
+    for c in chosen:
+        for s in SEVERITIES:
+            ds = IndexedDataset(CorruptedDataset(base, c, s, seed=seed))
+            parts.append(EvalPart(f'digits-c/{c}/{s}', ds, [View(f'digits-c/{c}/{s}')], corruption=c, severity=s))
+    return parts
+
+
+def _objectnet_parts(path: str, skip_bad_images: bool) -> List[EvalPart]:
+    folders, groups = objectnet_mapping(os.path.join(path, 'mappings'))
+    images = os.path.join(path, 'images')
+    present = set(class_folders(images))
+    samples = []
+    for k, folder in enumerate(folders):
+        if folder in present:
+            samples.extend((p, k) for p in list_class_folder(os.path.join(images, folder)))
+    missing = [f for f in folders if f not in present]
+    if missing:
+        _logger.warning(f'ObjectNet: {len(missing)} mapped folders absent under {images}: {", ".join(missing)}')
+    return [EvalPart('objectnet', _image_list('objectnet', path, samples, skip_bad_images),
+                     [View('objectnet', groups=groups)], crop_border_pixels=OBJECTNET_BORDER_PIXELS)]
+
+
+def _imagenet_c_parts(path: str, skip_bad_images: bool, corruptions: Optional[Sequence[str]]) -> List[EvalPart]:
+    present = [c for c in IMAGENET_C_CORRUPTIONS + IMAGENET_C_EXTRA if os.path.isdir(os.path.join(path, c))]
+    chosen = _check_corruptions(corruptions, IMAGENET_C_CORRUPTIONS + IMAGENET_C_EXTRA, tuple(present), 'imagenet-c')
+    parts = []
+    for c in chosen:
+        if c not in present:
+            _logger.warning(f'ImageNet-C: corruption {c} not under {path}')
+            continue
+        for s in SEVERITIES:
+            sev_dir = os.path.join(path, c, str(s))
+            if not os.path.isdir(sev_dir):
+                _logger.warning(f'ImageNet-C: missing {sev_dir}')
+                continue
+            parts.append(EvalPart(f'imagenet-c/{c}/{s}', _image_list('imagenet-c', sev_dir, wnid_samples(sev_dir),
+                                                                      skip_bad_images),
+                                  [View(f'imagenet-c/{c}/{s}')], corruption=c, severity=s))
+    if not parts:
+        raise ValueError(f'ImageNet-C: no <corruption>/<severity>/ folders under {path}')
+    return parts
 
 
 def _check_corruptions(requested: Optional[Sequence[str]], known: Sequence[str], default: Sequence[str],

@@ -1,0 +1,170 @@
+"""What a validate.py run evaluates: the sets (and where they live), the class count they need, the passes per set.
+
+Everything here is decided from the flags and the folders on disk, before any model is built or image read, so that
+bad input (unknown or missing sets, sets needing different class counts, bad flag values) stops the run early.
+"""
+import argparse
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch.utils.data as tud
+
+from ..config import parse_key_values
+from ..data import DigitsDataset, create_dataset, dataset_classes, is_digits
+from .sets import SET_SPECS, SUITE_ORDER, EvalPart, IndexedDataset, View, build_parts, discover_sets, folder_parts
+
+_logger = logging.getLogger(__name__)
+
+
+class ValidateError(Exception):
+    """A user-facing error of validate.py: printed without a traceback, exit status 2."""
+
+
+@dataclass
+class EvalPlan:
+    """The sets of one run and what they need.
+
+    Attributes:
+        sets: ``(set name, path)`` in evaluation order (``path`` is '' for the built-in digits sets; the set name is
+            ``folder`` for a generic ImageFolder / timm dataset).
+        missing: sets looked for under ``--suite`` and not found.
+        needs: class count each set needs.
+        num_classes: the one class count of the run.
+        model_kwargs: parsed ``--model-kwargs``.
+        generic_parts: the parts of a ``folder`` set (built while planning: its class count comes from its folders).
+    """
+    sets: List[Tuple[str, str]]
+    missing: List[str]
+    needs: Dict[str, int]
+    num_classes: int
+    model_kwargs: Dict[str, Any] = field(default_factory=dict)
+    generic_parts: Optional[List[EvalPart]] = None
+
+    @property
+    def set_names(self) -> List[str]:
+        return [name for name, _ in self.sets]
+
+    @property
+    def has_digits(self) -> bool:
+        return any(name.startswith('digits') for name in self.set_names)
+
+    def describe_needs(self) -> str:
+        """``set (N classes), ...`` for error messages."""
+        return describe_class_needs(self.needs)
+
+
+def describe_class_needs(needs: Dict[str, int]) -> str:
+    return ', '.join(f'{s} ({n} classes)' for s, n in needs.items())
+
+
+def plan_sets(args: argparse.Namespace) -> Tuple[List[Tuple[str, str]], List[str]]:
+    """[(set name, path)] to evaluate and the names of requested sets that were not found."""
+    if args.sets:
+        unknown = [s for s in args.sets if s not in SET_SPECS]
+        if unknown:
+            raise ValidateError(f'--sets: unknown set(s) {", ".join(unknown)}; known: {", ".join(SET_SPECS)}')
+        names = list(dict.fromkeys(args.sets))
+    elif args.suite:
+        names = list(SUITE_ORDER)
+    elif is_digits(args.dataset):
+        names = ['digits']
+    elif args.data_dir:
+        return [('folder', args.data_dir)], []
+    else:
+        raise ValidateError('Nothing to evaluate: pass --suite ROOT, --sets, --dataset digits or a data DIR')
+    plan, missing = [], []
+    needs_root = [n for n in names if not SET_SPECS[n].builtin]
+    if needs_root and not args.suite:
+        raise ValidateError(f'Set(s) {", ".join(needs_root)} are read from disk: pass --suite ROOT')
+    found = {}
+    if needs_root:
+        try:
+            found, missing = discover_sets(args.suite, needs_root)
+        except FileNotFoundError as e:
+            raise ValidateError(str(e)) from None
+    for n in names:
+        if SET_SPECS[n].builtin:
+            plan.append((n, ''))
+        elif n in found:
+            plan.append((n, found[n]))
+    if not plan:
+        raise ValidateError(f'None of the requested sets were found under {args.suite}: {", ".join(missing)}')
+    return plan, missing
+
+
+def generic_parts(args: argparse.Namespace, num_classes_hint: Optional[int]) -> Tuple[List[EvalPart], int]:
+    """Parts and class count of a generic dataset (ImageFolder DIR or a map-style timm dataset)."""
+    if not args.dataset:
+        parts, classes = folder_parts(args.data_dir, name='folder', skip_bad_images=args.skip_bad_images)
+        return parts, len(classes)
+    ds = create_dataset(args.dataset, root=args.data_dir, split=args.split, is_training=False)
+    if isinstance(ds, tud.IterableDataset):
+        raise ValidateError(f'--dataset {args.dataset}: iterable datasets are not supported by validate.py '
+                            f'(use an ImageFolder or a map-style timm dataset)')
+    classes = dataset_classes(ds)
+    n = len(classes) if classes else num_classes_hint
+    if not n:
+        raise ValidateError(f'--dataset {args.dataset}: cannot tell the number of classes; pass --num-classes')
+    return [EvalPart(args.dataset, IndexedDataset(ds), [View(args.dataset, attack=True)])], n
+
+
+def plan_evaluation(args: argparse.Namespace) -> EvalPlan:
+    """Sets, class count and checked flags of a run (no model built, no image read).
+
+    Raises:
+        ValidateError: naming the flag or set at fault.
+    """
+    sets, missing = plan_sets(args)
+    if missing:
+        _logger.info(f'Sets not found under {args.suite}: {", ".join(missing)}')
+    parts, classes = None, None
+    if any(name == 'folder' for name, _ in sets):
+        try:
+            parts, classes = generic_parts(args, args.num_classes)
+        except (ValueError, FileNotFoundError) as e:
+            raise ValidateError(str(e)) from None
+    needs = {name: (classes if name == 'folder' else SET_SPECS[name].num_classes) for name, _ in sets}
+    if len(set(needs.values())) > 1:
+        raise ValidateError(f'The selected sets need different class counts: {describe_class_needs(needs)}; '
+                            f'evaluate them in separate runs')
+    num_classes = next(iter(needs.values()))
+    if args.num_classes is not None and args.num_classes != num_classes:
+        raise ValidateError(f'--num-classes {args.num_classes} does not fit set(s) {describe_class_needs(needs)}')
+    if args.tags and len(args.tags) != max(1, len(args.checkpoint)):
+        raise ValidateError(f'--tags: {len(args.tags)} names for {max(1, len(args.checkpoint))} model(s)')
+    if args.fgsm_n is not None and args.fgsm_n < 1 or args.autoattack_n is not None and args.autoattack_n < 1:
+        raise ValidateError('--fgsm-n / --autoattack-n must be >= 1')
+    try:
+        model_kwargs = parse_key_values(args.model_kwargs, '--model-kwargs') if args.model_kwargs else {}
+    except ValueError as e:
+        raise ValidateError(str(e)) from None
+    return EvalPlan(sets, missing, needs, num_classes, model_kwargs, parts)
+
+
+class PartsCache:
+    """The passes of each planned set, built once per (set, digits size) and shared by all models of a run."""
+
+    def __init__(self, args: argparse.Namespace, plan: EvalPlan):
+        self.args = args
+        self.plan = plan
+        self._parts: Dict[Tuple[str, int], List[EvalPart]] = {}
+        self._digits: Dict[int, DigitsDataset] = {}
+
+    def parts(self, set_name: str, path: str, digits_size: int) -> List[EvalPart]:
+        key = (set_name, digits_size if set_name.startswith('digits') else 0)
+        if key not in self._parts:
+            self._parts[key] = self._build(set_name, path, digits_size)
+        return self._parts[key]
+
+    def _build(self, set_name: str, path: str, digits_size: int) -> List[EvalPart]:
+        if set_name == 'folder':
+            return self.plan.generic_parts
+        if set_name.startswith('digits') and digits_size not in self._digits:
+            self._digits[digits_size] = DigitsDataset('val', img_size=digits_size)
+        try:
+            return build_parts(set_name, path, skip_bad_images=self.args.skip_bad_images, seed=self.args.seed,
+                               digits_size=digits_size, corruptions=self.args.corruptions,
+                               digits_val=self._digits.get(digits_size))
+        except (ValueError, FileNotFoundError) as e:
+            raise ValidateError(str(e)) from None

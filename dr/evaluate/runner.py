@@ -1,0 +1,349 @@
+"""The steps of a validate.py run: process setup, results store, per-model evaluation, summaries, shutdown.
+
+``validate.py`` calls them in order (timm style): plan the sets (``dr.evaluate.plan``), build the models
+(``dr.evaluate.models``), open the results (``open_results``), evaluate each model (``evaluate_model``), then print
+the report (``dr.evaluate.report.print_report``) and ``finish``.
+"""
+import argparse
+import contextlib
+import functools
+import logging
+import os
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from timm.utils import setup_default_logging
+
+from ..config import save_args_yaml
+from ..io import software_versions
+from .attacks import AUTOATTACK_EPS, autoattack_status
+from .corruptions import IMAGENET_C_CORRUPTIONS, summarize_corruption_errors
+from .loop import (
+    AttackConfig,
+    all_reduce_int,
+    create_eval_loader,
+    evaluate_part,
+    fgsm_column,
+    gather_records,
+    pooled_calibration,
+    summarize_real,
+    summarize_records,
+)
+from .models import EvalModel, param_count_m, prepare_model, resolve_eval_data_config
+from .plan import EvalPlan, PartsCache, ValidateError
+from .report import (
+    config_key,
+    load_results,
+    log_wandb,
+    merge_rows,
+    print_report,
+    reliability_diagram_from_sums,
+    results_paths,
+    write_results,
+)
+from .sets import SET_SPECS, BadImageError, EvalPart
+
+_logger = logging.getLogger(__name__)
+
+
+@dataclass
+class EvalEnv:
+    """Where this process evaluates: device, distributed rank / world size, AMP context, attack settings."""
+    device: torch.device
+    rank: int
+    world: int
+    autocast: Callable[[], contextlib.AbstractContextManager]
+    attack: AttackConfig
+    autoattack_status: str = ''
+
+    @property
+    def primary(self) -> bool:
+        return self.rank == 0
+
+
+def setup_process(args: argparse.Namespace) -> EvalEnv:
+    """Logging, device (and the process group under torchrun), seeds, AMP and the attack configuration."""
+    if not logging.getLogger().handlers:  # in-process callers (the demo, tests) keep their logging setup
+        setup_default_logging()
+    device, rank, world = _init_device(args)
+    if rank != 0:
+        logging.getLogger().setLevel(logging.WARNING)
+    torch.manual_seed(args.seed)
+    np.random.seed(args.seed)
+    amp_dtype = torch.bfloat16 if args.amp_dtype == 'bfloat16' else torch.float16
+    autocast = (functools.partial(torch.autocast, device_type=device.type, dtype=amp_dtype) if args.amp
+                else contextlib.nullcontext)
+    aa_ok, aa_status = autoattack_status() if args.autoattack else (False, '')
+    if args.autoattack and not aa_ok:
+        _logger.warning(f'AutoAttack {aa_status}; its column says so in the results')
+    attack = AttackConfig(fgsm_eps=list(args.fgsm_eps or []), fgsm_n=args.fgsm_n, autoattack=args.autoattack and aa_ok,
+                          autoattack_n=args.autoattack_n, seed=args.seed)
+    return EvalEnv(device, rank, world, autocast, attack, aa_status)
+
+
+def _init_device(args: argparse.Namespace) -> Tuple[torch.device, int, int]:
+    world = int(os.environ.get('WORLD_SIZE', '1'))
+    rank = int(os.environ.get('RANK', '0'))
+    local_rank = int(os.environ.get('LOCAL_RANK', '0'))
+    device_name = args.device or ('cuda' if torch.cuda.is_available() else 'cpu')
+    if device_name.startswith('cuda') and not torch.cuda.is_available():
+        raise ValidateError(f'--device {device_name}: CUDA is not available')
+    if world > 1:
+        if device_name.startswith('cuda'):
+            torch.cuda.set_device(local_rank)
+            device = torch.device('cuda', local_rank)
+            backend = 'nccl'
+        else:
+            device = torch.device(device_name)
+            backend = 'gloo'
+        dist.init_process_group(backend=backend)
+        rank, world = dist.get_rank(), dist.get_world_size()
+    else:
+        device = torch.device(device_name)
+    return device, rank, world
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# results store
+
+class ResultsStore:
+    """The results file of a run: rows kept from earlier runs, rows of this run, metadata, reliability diagrams.
+
+    Rows are written (atomically) after every pass, so an interrupted run keeps what it finished; a row whose
+    ``config_key`` matches the current settings is reused instead of recomputed (unless ``--no-resume``).
+    """
+
+    def __init__(self, results_file: str, reliability_dir: Optional[str], existing: Dict[str, Any],
+                 meta: Dict[str, Any], primary: bool, resume: bool):
+        self.results_file = results_file
+        self.reliability_dir = reliability_dir
+        self.existing_rows: List[Dict[str, Any]] = existing['results']
+        self.meta = meta
+        self.primary = primary
+        self.resume = resume
+        self.new_rows: List[Dict[str, Any]] = []
+
+    @property
+    def json_path(self) -> Optional[str]:
+        return results_paths(self.results_file)[0] if self.results_file else None
+
+    @property
+    def csv_path(self) -> Optional[str]:
+        return results_paths(self.results_file)[1] if self.results_file else None
+
+    def find(self, tag: str, set_name: str, key: str) -> Optional[Dict[str, Any]]:
+        """A row of an earlier run with the same tag, set and settings, if resuming."""
+        if not self.resume:
+            return None
+        for r in self.existing_rows:
+            if r.get('tag') == tag and r.get('set') == set_name and r.get('config_key') == key:
+                return r
+        return None
+
+    def add(self, row: Dict[str, Any]) -> None:
+        self.new_rows.append(row)
+
+    def flush(self) -> None:
+        if self.primary and self.results_file:
+            write_results(self.results_file, merge_rows(self.existing_rows, self.new_rows), self.meta)
+
+    def diagram(self, tag: str, row: Dict[str, Any]) -> None:
+        """Write the row's reliability diagram (primary rank, rows with calibration bins) and record its path."""
+        if not (self.primary and self.reliability_dir and row.get('calibration_bins')):
+            return
+        b = row['calibration_bins']
+        name = f'{tag}_{row["set"]}'.replace('/', '_').replace(os.sep, '_')
+        path = os.path.join(self.reliability_dir, f'{name}.png')
+        reliability_diagram_from_sums(b['count'], b['conf_sum'], b['correct_sum'], path,
+                                      title=f'{tag} on {row["set"]}: top-1 {row["top1"]:.2f}%')
+        row['reliability_png'] = path
+
+
+def open_results(args: argparse.Namespace, args_text: str, plan: EvalPlan, env: EvalEnv) -> ResultsStore:
+    """Load an existing results file (rows to keep or reuse), save the resolved args and the conventions metadata."""
+    results_file = args.results_file
+    try:
+        existing = load_results(results_file) if results_file else {'meta': {}, 'results': []}
+    except ValueError as e:
+        raise ValidateError(str(e)) from None
+    reliability_dir = args.reliability_dir
+    if reliability_dir is None and results_file:
+        reliability_dir = os.path.join(os.path.dirname(os.path.abspath(results_file)), 'reliability')
+    if env.primary and results_file:
+        json_path, _ = results_paths(results_file)
+        save_args_yaml(args_text, os.path.dirname(os.path.abspath(json_path)),
+                       filename=os.path.splitext(os.path.basename(json_path))[0] + '.args.yaml')
+    meta = existing.get('meta') or {}
+    meta.update({'software': software_versions(), 'conventions': _conventions(args, plan)})
+    if plan.missing:
+        meta['missing_sets'] = {'root': args.suite, 'sets': plan.missing}
+    return ResultsStore(results_file, reliability_dir, existing, meta, env.primary, resume=not args.no_resume)
+
+
+def _conventions(args: argparse.Namespace, plan: EvalPlan) -> Dict[str, Any]:
+    return {
+        'calibration': f'top-1 confidence, {args.n_bins} equal-width bins (lo, hi] (0 in the first, 1.0 in the '
+                       f'last), ECE = sum |bin|/N |acc - conf| (Guo et al. 2017); ece/mce columns in percent, '
+                       f'nll in nats (mean -log p(target))',
+        'accuracy': 'top1/top5 and errors in percent; skipped = unreadable images left out (--skip-bad-images)',
+        'fgsm': 'L-inf FGSM in [0,1] pixel space, normalisation inside the model, eps in 1/255 units, one '
+                'gradient of the cross-entropy per image, model in eval mode; attacks the clean sets',
+        'autoattack': f'torchattacks AutoAttack standard (APGD-CE, APGD-T, FAB-T, Square), Linf, eps '
+                      f'{AUTOATTACK_EPS:g}/255',
+        'imagenet-c': 'mCE = mean over the 15 corruptions of (mean top-1 error over severities / AlexNet mean '
+                      'error) in percent, AlexNet constants in dr/corruptions.py; c_mean_err = unnormalised mean '
+                      'error; c_100_minus_mce as in the DR paper; extras in c_extra_mean_err',
+        'sets': {name: SET_SPECS[name].convention for name in plan.set_names if name in SET_SPECS},
+    }
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# evaluation
+
+def evaluate_model(em: EvalModel, plan: EvalPlan, parts: PartsCache, store: ResultsStore, args: argparse.Namespace,
+                   env: EvalEnv) -> Dict[str, Dict[str, Any]]:
+    """Every planned set on one model; returns its rows by set name (also stored in ``em.rows``)."""
+    data_config, digits_size = resolve_eval_data_config(args, em, plan.has_digits)
+    param_count = param_count_m(em.model)
+    net = prepare_model(em, data_config, args, env.device)
+    if env.primary:
+        _logger.info(f'{em.tag}: {em.arch} ({param_count}M params), data config {data_config}')
+    base_row = {
+        'model': em.arch, 'tag': em.tag, 'param_count': param_count, 'img_size': data_config['input_size'][-1],
+        'crop_pct': data_config['crop_pct'], 'interpolation': data_config['interpolation'],
+        'checkpoint': em.checkpoint['path'], 'checkpoint_sha256': em.checkpoint['sha256'], 'use_ema': args.use_ema,
+        'amp': args.amp_dtype if args.amp else '', 'num_classes': plan.num_classes,
+    }
+    key_base = {
+        'arch': em.arch, 'sha256': em.checkpoint['sha256'], 'pretrained': args.pretrained, 'use_ema': args.use_ema,
+        'model_kwargs': plan.model_kwargs, 'data_config': data_config, 'amp': base_row['amp'],
+        'fgsm_eps': env.attack.fgsm_eps, 'fgsm_n': args.fgsm_n, 'autoattack': args.autoattack,
+        'autoattack_n': args.autoattack_n, 'seed': args.seed, 'n_bins': args.n_bins,
+        'skip_bad_images': args.skip_bad_images, 'digits_size': digits_size,
+    }
+    em.rows = {}
+    for set_name, path in plan.sets:
+        convention = SET_SPECS[set_name].convention if set_name in SET_SPECS else f'ImageFolder {path}'
+        set_parts = parts.parts(set_name, path, digits_size)
+        for part in set_parts:
+            key = config_key({**key_base, 'set': set_name, 'part': part.name,
+                              'path': os.path.abspath(path) if path else ''})
+            rows = _reused_rows(em.tag, part, key, store)
+            if rows is None:
+                rows = _evaluate_part(net, part, data_config, {**base_row, 'config_key': key,
+                                                               'convention': convention}, args, env)
+                if part.corruption is None:
+                    for row in rows:
+                        store.diagram(em.tag, row)
+            for row in rows:
+                em.rows[row['set']] = row
+                store.add(row)
+            store.flush()
+        if set_name in ('digits-c', 'imagenet-c'):
+            row = corruption_summary(set_name, set_parts, em.rows, {**base_row, 'convention': convention})
+            store.diagram(em.tag, row)
+            em.rows[set_name] = row
+            store.add(row)
+            store.flush()
+    if env.device.type == 'cuda':
+        em.model.cpu()
+    return em.rows
+
+
+def _reused_rows(tag: str, part: EvalPart, key: str, store: ResultsStore) -> Optional[List[Dict[str, Any]]]:
+    """The rows of a pass from an earlier run with identical settings, if all of them are there."""
+    expected = [v.name for v in part.views] + (['imagenet-real'] if any(v.real for v in part.views) else [])
+    reused = [store.find(tag, n, key) for n in expected]
+    if not all(r is not None for r in reused):
+        return None
+    if store.primary:
+        _logger.info(f'{tag} / {part.name}: reusing rows from {store.results_file}')
+    return reused
+
+
+def _evaluate_part(net: torch.nn.Module, part: EvalPart, data_config: Dict[str, Any], base_row: Dict[str, Any],
+                   args: argparse.Namespace, env: EvalEnv) -> List[Dict[str, Any]]:
+    """One pass over a dataset: its rows (one per view, plus ImageNet ReaL)."""
+    loader = create_eval_loader(part.dataset, data_config, args.batch_size, args.workers, env.rank, env.world,
+                                crop_border_pixels=part.crop_border_pixels,
+                                pin_memory=args.pin_mem and env.device.type == 'cuda')
+    try:
+        records, skipped = evaluate_part(net, part, loader, env.device, autocast=env.autocast, attack=env.attack,
+                                         progress=env.primary and not args.no_progress,
+                                         desc=f'{base_row["tag"]} {part.name}')
+    except BadImageError as e:
+        raise ValidateError(str(e).strip().splitlines()[-1]) from None
+    except RuntimeError as e:  # DataLoader workers re-raise with the worker traceback in the message
+        if 'BadImageError' in str(e) or 'Unreadable image' in str(e):
+            lines = [ln for ln in str(e).splitlines() if 'Unreadable image' in ln]
+            raise ValidateError(lines[-1].split('BadImageError: ')[-1] if lines else str(e)) from None
+        raise
+    skipped = all_reduce_int(skipped, env.device)
+    rows = []
+    for view in part.views:
+        rec = gather_records(records[view.name], env.device)
+        eps = env.attack.fgsm_eps if view.attack else ()
+        row = {**base_row, 'set': view.name, 'skipped': skipped, 'num_classes': view.num_classes or
+               base_row['num_classes'], 'corruption': part.corruption or '', 'severity': part.severity or '',
+               **summarize_records(rec, args.n_bins, fgsm_eps=eps)}
+        if view.attack and eps:
+            row['fgsm'] = {f'{e:g}': row.get(fgsm_column(e)) for e in eps}
+        if view.attack and args.autoattack:
+            row['autoattack_status'] = env.autoattack_status  # '<package> <version>' or 'unavailable: <why>'
+            if not env.attack.autoattack:
+                row['autoattack_top1'] = None
+        rows.append(row)
+        if view.real and part.real_labels is not None:
+            rows.append({**base_row, 'set': 'imagenet-real', 'skipped': skipped,
+                         'convention': 'ImageNet val with ReaL labels (timm bundled imagenet_real_labels.json); '
+                                       'images without ReaL labels left out',
+                         **summarize_real(rec, part.real_labels)})
+    return rows
+
+
+def corruption_summary(set_name: str, parts: List[EvalPart], rows_by_set: Dict[str, Dict[str, Any]],
+                       base_row: Dict[str, Any]) -> Dict[str, Any]:
+    """The summary row of a -C set from its per-corruption/severity rows."""
+    part_rows = [rows_by_set[p.name] for p in parts if p.corruption is not None and p.name in rows_by_set]
+    errors: Dict[str, List[float]] = {}
+    for r in sorted(part_rows, key=lambda r: (r['corruption'], int(r['severity']))):
+        errors.setdefault(r['corruption'], []).append(r['top1_err'] / 100.0)
+    clean = rows_by_set.get('digits-c/clean' if set_name == 'digits-c' else 'imagenet')
+    clean_err = clean['top1_err'] / 100.0 if clean and clean.get('top1_err') is not None else None
+    s = summarize_corruption_errors(errors, clean_error=clean_err, imagenet=set_name == 'imagenet-c')
+    bench = [r for r in part_rows if set_name == 'digits-c' or r['corruption'] in IMAGENET_C_CORRUPTIONS]
+    top5 = [r['top5'] for r in bench if r.get('top5') is not None]
+    row = {**base_row, 'set': set_name, 'top1': 100.0 - s['mean_err'], 'top1_err': s['mean_err'],
+           'top5': sum(top5) / len(top5) if top5 else float('nan'),
+           'count': sum(r['count'] for r in part_rows), 'skipped': sum(r.get('skipped') or 0 for r in part_rows),
+           'corruption': 'mean', 'severity': '',
+           'c_mean_err': s['mean_err'], 'c_extra_mean_err': s['extra_mean_err'], 'c_mce': s['mce'],
+           'c_100_minus_mce': s['100_minus_mce'], 'c_rel_mean_err': s['rel_mean_err'],
+           'c_corruptions': sorted(errors), 'config_key': '', **pooled_calibration(bench)}
+    row['top5_err'] = 100.0 - row['top5']
+    return row
+
+
+def report_run(models: List[EvalModel], plan: EvalPlan, store: ResultsStore, args: argparse.Namespace,
+               env: EvalEnv) -> None:
+    """On the primary rank: the tables, where the files went, and the optional wandb run."""
+    if not env.primary:
+        return
+    print_report(models, plan.set_names, env.attack.fgsm_eps, args.autoattack, env.autoattack_status,
+                 missing=plan.missing, suite=args.suite)
+    if store.results_file:
+        print(f'\nResults: {store.json_path} and {store.csv_path}')
+    if store.reliability_dir:
+        print(f'Reliability diagrams: {store.reliability_dir}')
+    if args.log_wandb:
+        log_wandb(args, [r for em in models for r in em.rows.values()])
+
+
+def finish(env: EvalEnv) -> None:
+    """Wait for every rank and tear the process group down."""
+    if env.world > 1:
+        dist.barrier()
+        dist.destroy_process_group()
