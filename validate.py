@@ -31,12 +31,25 @@ SET_CHOICES_HELP = ('digits, digits-c, imagenet, imagenetv2-matched-frequency, i
                     'imagenetv2-top-images, imagenet-a, imagenet-r, imagenet-sketch, objectnet, imagenet-c')
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Appends ``(default: X)`` once: only where the help text does not state the default itself and the default
+    says something (not None, False, '' or an empty list)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ''
+        default = action.default
+        if ('default' in text or default is None or default is False or default == '' or default == []
+                or default is argparse.SUPPRESS):
+            return text
+        return super()._get_help_string(action)
+
+
 def create_parser() -> Tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     """(config parser, main parser) in timm's two-stage style."""
     config_parser = create_config_parser()
     parser = argparse.ArgumentParser(
         description='Evaluate a timm model: accuracy, distribution shifts, corruptions, calibration, attacks',
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=HelpFormatter)
 
     group = parser.add_argument_group('Data')
     group.add_argument('data_dir', nargs='?', default=None, metavar='DIR',
@@ -46,13 +59,21 @@ def create_parser() -> Tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
                             "DIR, or empty for an ImageFolder DIR")
     group.add_argument('--split', default='validation', metavar='NAME', help='split of a timm --dataset')
     group.add_argument('--suite', default=None, metavar='ROOT',
-                       help='root holding the ImageNet-family sets under their documented folder names; every set '
-                            'found is evaluated (missing ones are listed, not errors)')
+                       help='root holding the ImageNet-family sets under their documented folder names; without '
+                            '--sets every set found is evaluated and missing ones are listed; a set named in --sets '
+                            'must be there')
     group.add_argument('--sets', nargs='+', default=None, metavar='NAME',
                        help=f'sets to evaluate (default: all found under --suite, else the --dataset). One of: '
                             f'{SET_CHOICES_HELP}')
     group.add_argument('--corruptions', nargs='+', default=None, metavar='NAME',
                        help='restrict ImageNet-C / digits-C to these corruptions')
+    group.add_argument('--imagenet-c-protocol', default='center-crop', choices=('center-crop', 'resize'),
+                       help="how ImageNet-C's 224-px images are fed: center-crop to the input size without resizing "
+                            "(the authors' protocol behind the AlexNet-normalised mCE) or resize (the model's eval "
+                            "transform, as some papers do)")
+    group.add_argument('--strict', action='store_true',
+                       help='stop with an error when a set does not have its official number of images (default: '
+                            'a warning and complete: false in its rows)')
     group.add_argument('--digits-size', type=int, default=None, metavar='N',
                        help='digits image side (default: from the checkpoint args, else 32)')
     group.add_argument('--skip-bad-images', action='store_true',
@@ -99,7 +120,10 @@ def create_parser() -> Tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     group.add_argument('--fgsm-n', type=int, default=None, metavar='N',
                        help='FGSM on the first N images (by dataset index) only')
     group.add_argument('--autoattack', action='store_true',
-                       help='AutoAttack (standard, Linf, eps 4/255) via torchattacks on the clean sets')
+                       help="AutoAttack on the clean sets: the reference implementation (pyautoattack, pip install "
+                            "'dr[robust]'), version standard (APGD-CE, APGD-T, FAB-T, Square), L-inf")
+    group.add_argument('--autoattack-eps', type=float, default=4.0, metavar='EPS',
+                       help='AutoAttack L-inf budget in 1/255 units (RobustBench ImageNet: 4)')
     group.add_argument('--autoattack-n', type=int, default=None, metavar='N',
                        help='AutoAttack on the first N images (by dataset index) only')
 
@@ -107,6 +131,9 @@ def create_parser() -> Tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     group.add_argument('--results-file', default='', metavar='FILE',
                        help='write FILE.json and FILE.csv (rows of other models/sets already there are kept; '
                             'rows with identical settings are reused on reruns)')
+    group.add_argument('--results-format', default='dr', choices=('dr', 'timm'),
+                       help="timm: also write one FILE-<set>.csv/.json per set in timm validate.py's shape (model, "
+                            'top1, top1_err, top5, top5_err, param_count, img_size, crop_pct, interpolation)')
     group.add_argument('--no-resume', action='store_true', help='recompute rows even if the results file has them')
     group.add_argument('--reliability-dir', default=None, metavar='DIR',
                        help='reliability diagram PNGs (default: <results dir>/reliability; none without a results '
@@ -139,9 +166,9 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     try:
         env = ev.setup_process(args)
         plan = ev.plan_evaluation(args)
+        parts = ev.prepare_sets(args, plan)
         models = ev.create_eval_models(args, plan)
         store = ev.open_results(args, args_text, plan, env)
-        parts = ev.PartsCache(args, plan)
         for em in models:
             ev.evaluate_model(em, plan, parts, store, args, env)
         ev.report_run(models, plan, store, args, env)

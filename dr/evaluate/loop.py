@@ -16,10 +16,13 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+from timm.data import create_transform
 from torch.utils.data import DataLoader, Dataset, Sampler
+from torchvision import transforms
+from tqdm import tqdm
 
 from ..distributed import all_gather_varlen, get_world_size
-from .attacks import autoattack_correct, create_autoattack, fgsm_correct
+from .attacks import AUTOATTACK_EPS, autoattack_correct, create_autoattack, fgsm_correct
 from .calibration import DEFAULT_BINS, bin_sums, ece_from_sums, mce_from_sums
 from .sets import EvalPart, View
 
@@ -65,9 +68,16 @@ class ShardSampler(Sampler):
         return len(range(self.rank, self.num_samples, self.world_size))
 
 
-def create_eval_transform(data_config: Dict[str, Any], crop_border_pixels: Optional[int] = None):
-    """timm's eval transform (resize, center crop) ending in a uint8 CHW tensor, without normalisation."""
-    from timm.data import create_transform
+def create_eval_transform(data_config: Dict[str, Any], crop_border_pixels: Optional[int] = None,
+                          center_crop_only: bool = False):
+    """timm's eval transform (resize, center crop) ending in a uint8 CHW tensor, without normalisation.
+
+    With ``center_crop_only`` the image is center-cropped to the input size without any resize (ImageNet-C's
+    protocol for its 224-px images; a larger input size pads with zeros).
+    """
+    if center_crop_only:
+        return transforms.Compose([transforms.CenterCrop(tuple(data_config['input_size'][1:])),
+                                   transforms.PILToTensor()])
     return create_transform(
         data_config['input_size'],
         is_training=False,
@@ -90,9 +100,10 @@ def create_eval_loader(
         world_size: int = 1,
         crop_border_pixels: Optional[int] = None,
         pin_memory: bool = False,
+        center_crop_only: bool = False,
 ) -> DataLoader:
     """DataLoader over this rank's shard; the dataset must yield ``(image, target, index, ok)``."""
-    dataset.transform = create_eval_transform(data_config, crop_border_pixels)
+    dataset.transform = create_eval_transform(data_config, crop_border_pixels, center_crop_only)
     return DataLoader(
         dataset,
         batch_size=batch_size,
@@ -121,14 +132,16 @@ class AttackConfig:
     Attributes:
         fgsm_eps: epsilons in 1/255 units (empty: no FGSM).
         fgsm_n: attack only samples with dataset index < fgsm_n (None: all).
-        autoattack: run AutoAttack (L-inf, 4/255, standard).
+        autoattack: run AutoAttack (reference implementation, standard version, L-inf).
         autoattack_n: attack only samples with dataset index < autoattack_n (None: all).
+        autoattack_eps: AutoAttack's L-inf budget in 1/255 units.
         seed: AutoAttack seed.
     """
     fgsm_eps: List[float] = field(default_factory=list)
     fgsm_n: Optional[int] = None
     autoattack: bool = False
     autoattack_n: Optional[int] = None
+    autoattack_eps: float = AUTOATTACK_EPS
     seed: int = 0
 
     @property
@@ -186,8 +199,6 @@ def evaluate_part(
         progress: show a tqdm bar.
         desc: tqdm label.
     """
-    from tqdm import tqdm
-
     autocast = autocast or contextlib.nullcontext
     attack = attack or AttackConfig()
     n_eps = len(attack.fgsm_eps)
@@ -240,8 +251,8 @@ def _attack_batch(model, view: View, x, targets, indices, attack: AttackConfig, 
                else torch.ones_like(indices, dtype=torch.bool))
         if bool(sel.any()):
             if view.name not in aa_attacks:
-                aa_attacks[view.name] = create_autoattack(model, n_classes=n_classes, seed=attack.seed,
-                                                          head=view.logits)
+                aa_attacks[view.name] = create_autoattack(model, n_classes=n_classes, eps_255=attack.autoattack_eps,
+                                                          seed=attack.seed, head=view.logits, device=x.device)
             correct = autoattack_correct(aa_attacks[view.name], model, x[sel], targets[sel], head=view.logits)
             rec.add(aa_index=indices[sel], aa_correct=correct)
 

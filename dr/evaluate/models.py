@@ -10,7 +10,7 @@ import torch.nn as nn
 from timm.data import resolve_data_config
 from timm.models import create_model
 
-from ..checkpoint import CHECKPOINT_NAMES, load_checkpoint_file, load_model_weights, resolve_checkpoint_path
+from ..checkpoint import CHECKPOINT_NAMES, apply_checkpoint, load_checkpoint_file, resolve_checkpoint_path
 from ..data import DIGITS_DEFAULT_SIZE
 from ..io import sha256_file
 from .loop import NormalizedModel
@@ -45,18 +45,24 @@ class EvalModel:
 
 
 def checkpoint_info(path: str) -> Dict[str, Any]:
-    """Resolved path, sha256, stored arch and training args of a checkpoint (read once, weights_only)."""
+    """Resolved path, sha256, stored arch and training args of a checkpoint (read with weights_only)."""
+    return read_checkpoint(path)[0]
+
+
+def read_checkpoint(path: str) -> Tuple[Dict[str, Any], Any]:
+    """(``checkpoint_info``, the loaded checkpoint): the file is read once for both."""
     resolved = resolve_checkpoint_path(path)
     ckpt = load_checkpoint_file(resolved)
     train_args = ckpt.get('args') if isinstance(ckpt, dict) else None
     if train_args is not None and not isinstance(train_args, dict):
         train_args = vars(train_args)
-    return {
+    info = {
         'path': resolved,
         'sha256': sha256_file(resolved),
         'arch': ckpt.get('arch') if isinstance(ckpt, dict) else None,
         'train_args': train_args or {},
     }
+    return info, ckpt
 
 
 def default_tag(path: str, used: set) -> str:
@@ -84,10 +90,10 @@ def create_eval_models(args: argparse.Namespace, plan: EvalPlan) -> List[EvalMod
     models = []
     used_tags: set = set()
     for i, ckpt_path in enumerate(args.checkpoint or [None]):
-        info = {'path': '', 'sha256': '', 'arch': None, 'train_args': {}}
+        info, ckpt = {'path': '', 'sha256': '', 'arch': None, 'train_args': {}}, None
         if ckpt_path:
             try:
-                info = checkpoint_info(ckpt_path)
+                info, ckpt = read_checkpoint(ckpt_path)
             except FileNotFoundError as e:
                 raise ValidateError(str(e)) from None
         arch = args.model or info['arch'] or info['train_args'].get('model')
@@ -95,25 +101,27 @@ def create_eval_models(args: argparse.Namespace, plan: EvalPlan) -> List[EvalMod
             raise ValidateError(f'--model not given and checkpoint {info["path"] or "(none)"} stores no arch')
         if not ckpt_path and not args.pretrained:
             _logger.warning('No --checkpoint and no --pretrained: evaluating randomly initialised weights')
-        model = _create_model(args, plan, arch, info)
+        model = _create_model(args, plan, arch, info, ckpt)
         tag = (args.tags[i] if args.tags else
                default_tag(ckpt_path, used_tags) if ckpt_path else f'{arch}{"-pretrained" if args.pretrained else ""}')
         models.append(EvalModel(model, arch, tag, info))
     return models
 
 
-def _create_model(args: argparse.Namespace, plan: EvalPlan, arch: str, info: Dict[str, Any]) -> nn.Module:
+def _create_model(args: argparse.Namespace, plan: EvalPlan, arch: str, info: Dict[str, Any], ckpt: Any
+                  ) -> nn.Module:
     try:
         model = create_model(arch, pretrained=args.pretrained, num_classes=plan.num_classes, **plan.model_kwargs)
     except RuntimeError as e:  # unknown model name, unavailable pretrained weights, ...
         raise ValidateError(f'Cannot create model {arch!r}: {e}') from None
     if info['path']:
         try:
-            load_model_weights(model, info['path'], use_ema=args.use_ema)
+            apply_checkpoint(model, ckpt, info['path'], use_ema=args.use_ema)
         except ValueError as e:
-            raise ValidateError(f'{e}: set(s) {plan.describe_needs()} need {plan.num_classes}-class logits '
-                                f'(ImageNet-family sets need ImageNet-1k logits for the A/R masks and the '
-                                f'ObjectNet mapping)') from None
+            why = (' (ImageNet-family sets need ImageNet-1k logits for the A/R masks and the ObjectNet mapping)'
+                   if plan.has_imagenet else '')
+            raise ValidateError(f'{e}: set(s) {plan.describe_needs()} need {plan.num_classes}-class logits{why}'
+                                ) from None
         except (KeyError, RuntimeError) as e:
             raise ValidateError(f'Cannot load {info["path"]} into {arch}: {e}') from None
     elif args.pretrained:

@@ -12,6 +12,8 @@ import torch.utils.data as tud
 
 from ..config import parse_key_values
 from ..data import DigitsDataset, create_dataset, dataset_classes, is_digits
+from .attacks import AUTOATTACK_MIN_CLASSES
+from .corruptions import IMAGENET_C_CORRUPTIONS, SEVERITIES
 from .sets import SET_SPECS, SUITE_ORDER, EvalPart, IndexedDataset, View, build_parts, discover_sets, folder_parts
 
 _logger = logging.getLogger(__name__)
@@ -44,6 +46,10 @@ class EvalPlan:
     @property
     def set_names(self) -> List[str]:
         return [name for name, _ in self.sets]
+
+    @property
+    def has_imagenet(self) -> bool:
+        return any(name.startswith('imagenet') or name == 'objectnet' for name in self.set_names)
 
     @property
     def has_digits(self) -> bool:
@@ -83,13 +89,16 @@ def plan_sets(args: argparse.Namespace) -> Tuple[List[Tuple[str, str]], List[str
             found, missing = discover_sets(args.suite, needs_root)
         except FileNotFoundError as e:
             raise ValidateError(str(e)) from None
+    if missing and args.sets:
+        looked = '; '.join(f'{n} (looked for {" or ".join(SET_SPECS[n].folders)})' for n in missing)
+        raise ValidateError(f'--sets: not found under {args.suite}: {looked}')
     for n in names:
         if SET_SPECS[n].builtin:
             plan.append((n, ''))
         elif n in found:
             plan.append((n, found[n]))
     if not plan:
-        raise ValidateError(f'None of the requested sets were found under {args.suite}: {", ".join(missing)}')
+        raise ValidateError(f'None of the suite sets were found under {args.suite}: {", ".join(missing)}')
     return plan, missing
 
 
@@ -135,11 +144,49 @@ def plan_evaluation(args: argparse.Namespace) -> EvalPlan:
         raise ValidateError(f'--tags: {len(args.tags)} names for {max(1, len(args.checkpoint))} model(s)')
     if args.fgsm_n is not None and args.fgsm_n < 1 or args.autoattack_n is not None and args.autoattack_n < 1:
         raise ValidateError('--fgsm-n / --autoattack-n must be >= 1')
+    if args.autoattack and num_classes < AUTOATTACK_MIN_CLASSES:
+        raise ValidateError(f'--autoattack: AutoAttack standard needs >= {AUTOATTACK_MIN_CLASSES} classes (targeted '
+                            f'DLR loss); set(s) {describe_class_needs(needs)}')
+    if args.autoattack_eps <= 0:
+        raise ValidateError(f'--autoattack-eps must be > 0 (1/255 units), got {args.autoattack_eps:g}')
     try:
         model_kwargs = parse_key_values(args.model_kwargs, '--model-kwargs') if args.model_kwargs else {}
     except ValueError as e:
         raise ValidateError(str(e)) from None
     return EvalPlan(sets, missing, needs, num_classes, model_kwargs, parts)
+
+
+def prepare_sets(args: argparse.Namespace, plan: EvalPlan) -> 'PartsCache':
+    """Build the passes of every set read from disk and check them against the official sizes.
+
+    A set with the wrong number of images (or ImageNet-C without all 15 x 5 benchmark folders) is a warning and
+    its rows say ``complete: false``; with ``--strict`` it is an error, raised before any model runs.
+
+    Raises:
+        ValidateError: a set that cannot be read, or (``--strict``) an incomplete one.
+    """
+    parts = PartsCache(args, plan)
+    problems = []
+    for name, path in plan.sets:
+        if name == 'folder' or SET_SPECS[name].builtin:
+            continue
+        set_parts = parts.parts(name, path, 0)
+        wrong = [p for p in set_parts if p.complete is False]
+        if wrong:
+            sizes = ', '.join(f'{p.name}: {p.num_samples}' for p in wrong[:5]) + (' ...' if len(wrong) > 5 else '')
+            problems.append(f'{name} at {path} has {sizes} images, the official set {wrong[0].expected_size}'
+                            + (' per corruption and severity' if name == 'imagenet-c' else ''))
+        if name == 'imagenet-c' and not args.corruptions:
+            have = {(p.corruption, p.severity) for p in set_parts}
+            absent = [f'{c}/{s}' for c in IMAGENET_C_CORRUPTIONS for s in SEVERITIES if (c, s) not in have]
+            if absent:
+                problems.append(f'imagenet-c at {path} lacks {len(absent)} of the 75 benchmark folders '
+                                f'({", ".join(absent[:5])}{" ..." if len(absent) > 5 else ""}): no mCE')
+    if problems and args.strict:
+        raise ValidateError('--strict: incomplete set(s): ' + '; '.join(problems))
+    for problem in problems:
+        _logger.warning(f'Incomplete set (rows say complete: false; --strict makes this an error): {problem}')
+    return parts
 
 
 class PartsCache:
@@ -165,6 +212,8 @@ class PartsCache:
         try:
             return build_parts(set_name, path, skip_bad_images=self.args.skip_bad_images, seed=self.args.seed,
                                digits_size=digits_size, corruptions=self.args.corruptions,
-                               digits_val=self._digits.get(digits_size))
+                               digits_val=self._digits.get(digits_size),
+                               imagenet_c_protocol=self.args.imagenet_c_protocol,
+                               search=[self.args.suite] if self.args.suite else [])
         except (ValueError, FileNotFoundError) as e:
             raise ValidateError(str(e)) from None

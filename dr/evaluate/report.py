@@ -9,6 +9,7 @@ import os
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
+from matplotlib.figure import Figure
 
 from ..io import atomic_write
 from ..wandb_logger import init_wandb
@@ -20,17 +21,20 @@ from .calibration import (
     confidences_and_correct,
     ece_from_sums,
 )
+from .corruptions import IMAGENET_C_EXTRA
 from .sets import SET_SPECS
 
 _logger = logging.getLogger(__name__)
 
 TIMM_COLUMNS = ('model', 'top1', 'top1_err', 'top5', 'top5_err', 'param_count', 'img_size', 'crop_pct',
-                'interpolation')
-OUR_COLUMNS = ('set', 'tag', 'ece', 'mce', 'nll', 'count', 'skipped', 'num_classes', 'corruption', 'severity',
-               'c_mean_err', 'c_extra_mean_err', 'c_mce', 'c_100_minus_mce', 'c_rel_mean_err',
-               'fgsm_count', 'autoattack_top1', 'autoattack_count', 'autoattack_status',
-               'checkpoint', 'checkpoint_sha256', 'use_ema', 'amp', 'config_key', 'convention')
-JSON_ONLY = ('calibration_bins', 'fgsm', 'c_corruptions')
+                'interpolation')  # timm validate.py's results row, in its order
+ID_COLUMNS = ('tag', 'set', 'model', 'checkpoint_sha256')  # (tag, set) is unique in a results file
+OUR_COLUMNS = ('count', 'expected_count', 'complete', 'skipped', 'ece', 'mce', 'nll', 'num_classes', 'corruption',
+               'severity', 'protocol', 'c_mean_err', 'c_extra_mean_err', 'c_mce', 'c_100_minus_mce', 'c_rel_mce',
+               'c_rel_mean_err', 'fgsm_count', 'autoattack_top1', 'autoattack_count', 'autoattack_eps',
+               'autoattack_status', 'checkpoint', 'use_ema', 'amp', 'config_key', 'data_fingerprint', 'convention')
+JSON_ONLY = ('calibration_bins', 'fgsm', 'c_corruptions', 'c_missing', 'autoattack')
+RESULTS_FORMATS = ('dr', 'timm')
 HEADLINE_KEYS = ('top1', 'top5', 'ece', 'mce', 'nll', 'c_mce', 'c_mean_err', 'autoattack_top1')
 
 
@@ -72,15 +76,28 @@ def load_results(results_file: str) -> Dict[str, Any]:
 
 
 def merge_rows(existing: Sequence[Dict[str, Any]], new: Sequence[Dict[str, Any]]) -> List[Dict[str, Any]]:
-    """Existing rows with the (tag, set) of a new row are replaced; all other rows are kept in order."""
-    new_keys = {(r.get('tag'), r.get('set')) for r in new}
-    kept = [r for r in existing if (r.get('tag'), r.get('set')) not in new_keys]
+    """Existing rows with the (tag, set) of a new row are replaced; all other rows are kept in order.
+
+    A replaced row that came from a different checkpoint (another sha256 under the same tag) is logged.
+    """
+    new_by_key = {(r.get('tag'), r.get('set')): r for r in new}
+    kept, warned = [], set()
+    for r in existing:
+        replacement = new_by_key.get((r.get('tag'), r.get('set')))
+        if replacement is None:
+            kept.append(r)
+        elif r.get('checkpoint_sha256') != replacement.get('checkpoint_sha256') and r.get('tag') not in warned:
+            warned.add(r.get('tag'))
+            _logger.warning(f'Results: tag {r.get("tag")!r} held checkpoint {r.get("checkpoint_sha256") or "(none)"}'
+                            f' and now {replacement.get("checkpoint_sha256") or "(none)"}; its rows are replaced '
+                            f'(use --tags to keep both)')
     return kept + list(new)
 
 
 def csv_columns(rows: Sequence[Dict[str, Any]]) -> List[str]:
-    """timm's validate.py columns first, then ours, then FGSM and any other keys (JSON-only keys excluded)."""
-    cols = list(TIMM_COLUMNS) + [c for c in OUR_COLUMNS]
+    """Identity (tag, set, model, checkpoint sha256), timm's metric columns, ours, then FGSM and any other keys
+    (JSON-only keys excluded)."""
+    cols = list(ID_COLUMNS) + [c for c in TIMM_COLUMNS if c not in ID_COLUMNS] + list(OUR_COLUMNS)
     extra = sorted({k for r in rows for k in r if k not in cols and k not in JSON_ONLY},
                    key=lambda k: (not k.startswith('fgsm_top1_eps'), _eps_of(k), k))
     return cols + extra
@@ -119,6 +136,51 @@ def write_results(results_file: str, rows: Sequence[Dict[str, Any]], meta: Dict[
         for r in rows:
             writer.writerow({k: _csv_value(r.get(k)) for k in cols})
     return json_path, csv_path
+
+
+def timm_results_paths(results_file: str, set_name: str) -> Tuple[str, str]:
+    """(csv, json) paths of the timm-shaped results of one set: ``<stem>-<set>.csv`` / ``.json``."""
+    json_path, _ = results_paths(results_file)
+    stem = json_path[:-len('.json')] + '-' + set_name.replace('/', '_')
+    return stem + '.csv', stem + '.json'
+
+
+def timm_rows(rows: Sequence[Dict[str, Any]]) -> Dict[str, List[Dict[str, Any]]]:
+    """Per set, rows in timm validate.py's shape: ``model, top1, top1_err, top5, top5_err, param_count, img_size,
+    crop_pct, interpolation`` (rounded to 4 decimals like timm), plus ``checkpoint`` when a row came from one (as
+    timm writes in its multi-checkpoint mode); sorted by top-1, best first, as timm sorts bulk results."""
+    out: Dict[str, List[Dict[str, Any]]] = {}
+    for r in rows:
+        if r.get('corruption') not in ('', None, 'mean'):
+            continue
+        row = {}
+        for k in TIMM_COLUMNS:
+            v = r.get(k)
+            row[k] = round(v, 4) if isinstance(v, float) and math.isfinite(v) and k != 'crop_pct' else v
+        if r.get('checkpoint'):
+            row['checkpoint'] = r['checkpoint']
+        out.setdefault(r['set'], []).append(row)
+    for set_rows in out.values():
+        set_rows.sort(key=lambda x: -(x['top1'] if isinstance(x['top1'], (int, float)) else float('-inf')))
+    return out
+
+
+def write_timm_results(results_file: str, rows: Sequence[Dict[str, Any]]) -> List[str]:
+    """Write ``timm_rows`` as timm's validate.py writes its results file: CSV via ``csv.DictWriter`` and JSON with
+    ``indent=4`` (an object for one model, a list for several); one pair of files per set."""
+    written = []
+    for set_name, set_rows in timm_rows(rows).items():
+        csv_path, json_path = timm_results_paths(results_file, set_name)
+        fields = list(TIMM_COLUMNS) + (['checkpoint'] if any('checkpoint' in r for r in set_rows) else [])
+        with atomic_write(csv_path, 'w') as f:
+            writer = csv.DictWriter(f, fieldnames=fields, lineterminator='\n')
+            writer.writeheader()
+            for r in set_rows:
+                writer.writerow({k: '' if r.get(k) is None else r.get(k) for k in fields})
+        with atomic_write(json_path, 'w') as f:
+            json.dump(_json_safe(set_rows[0] if len(set_rows) == 1 else set_rows), f, indent=4)
+        written += [csv_path, json_path]
+    return written
 
 
 def _csv_value(v: Any) -> Any:
@@ -238,15 +300,22 @@ def print_corruption_matrix(tag: str, c_set: str, rows: Dict[str, Dict[str, Any]
     for r in rows.values():
         if r['set'].startswith(c_set + '/') and r.get('severity') not in ('', None):
             per.setdefault(r['corruption'], {})[int(r['severity'])] = r['top1_err']
-    lines = [[c] + [per[c].get(s, float('nan')) for s in range(1, 6)] + [sum(per[c].values()) / len(per[c])]
-             for c in per]
-    text = f'\n{tag} {c_set}: top-1 error (%) per corruption and severity; mean error {summary["c_mean_err"]:.2f}'
-    if c_set == 'imagenet-c' and summary.get('c_mce') == summary.get('c_mce'):
+    lines = [[c + (' (extra)' if c in IMAGENET_C_EXTRA else '')] + [per[c].get(s, float('nan')) for s in range(1, 6)]
+             + [sum(per[c].values()) / len(per[c])] for c in per]
+    text = (f'\n{tag} {c_set}: top-1 error (%) per corruption and severity; mean error {summary["c_mean_err"]:.2f}'
+            + (' (extras apart)' if any(c in IMAGENET_C_EXTRA for c in per) else ''))
+    if c_set == 'imagenet-c' and _finite(summary.get('c_mce')):
         text += f', mCE {summary["c_mce"]:.2f}'
-    if summary.get('c_rel_mean_err') == summary.get('c_rel_mean_err'):
+    if c_set == 'imagenet-c' and _finite(summary.get('c_rel_mce')):
+        text += f', relative mCE {summary["c_rel_mce"]:.2f}'
+    if _finite(summary.get('c_rel_mean_err')):
         text += f', mean error - clean error {summary["c_rel_mean_err"]:.2f}'
     print(text)
     print(format_table(['corruption', 's1', 's2', 's3', 's4', 's5', 'mean'], lines))
+
+
+def _finite(v: Any) -> bool:
+    return isinstance(v, (int, float)) and math.isfinite(v)
 
 
 def log_wandb(args: Any, rows: List[Dict[str, Any]]) -> None:
@@ -296,40 +365,52 @@ def reliability_diagram_from_sums(
         title: Optional[str] = None,
 ) -> str:
     """Reliability diagram PNG from per-bin sums (``bin_sums``), written atomically to ``path``."""
-    import matplotlib
-    matplotlib.use('Agg')
-    import matplotlib.pyplot as plt
+    fig = Figure(figsize=(4.5, 5.5))
+    ax, ax_hist = fig.subplots(2, 1, gridspec_kw={'height_ratios': [3, 1]}, sharex=True)
+    draw_reliability(ax, ax_hist, count, conf_sum, correct_sum, title=title)
+    fig.tight_layout()
+    with atomic_write(path, 'wb') as f:
+        fig.savefig(f, format='png', dpi=100)
+    return path
 
+
+def draw_reliability(ax: Any, ax_hist: Any, count: ArrayLike, conf_sum: ArrayLike, correct_sum: ArrayLike,
+                     title: Optional[str] = None) -> Dict[str, Any]:
+    """Draw a reliability diagram on matplotlib axes: accuracy per bin (filled bars), the gap to the bin's mean
+    confidence as an outline (red, hatched, above the bar: over-confident; green, inside the bar: under-confident),
+    the diagonal, and the share of samples per bin below.
+
+    Returns:
+        the bar containers ``accuracy``, ``over`` and ``under`` (for tests and callers that restyle them).
+    """
     bins = bins_from_sums(count, conf_sum, correct_sum)
     n_bins = len(bins['count'])
     ece = ece_from_sums(count, conf_sum, correct_sum)
     total = max(int(bins['count'].sum()), 1)
     centers = (bins['lower'] + bins['upper']) / 2
     width = 1.0 / n_bins
-    acc = np.nan_to_num(bins['accuracy'], nan=0.0)
-    conf = np.where(bins['count'] > 0, bins['confidence'], centers)
-
-    fig, (ax, ax_hist) = plt.subplots(2, 1, figsize=(4.5, 5.5), gridspec_kw={'height_ratios': [3, 1]}, sharex=True)
-    ax.bar(centers, acc, width=width, edgecolor='black', color='tab:blue', label='accuracy')
-    gap_lo = np.minimum(acc, conf)
-    ax.bar(centers, np.where(bins['count'] > 0, np.abs(conf - acc), 0.0), bottom=gap_lo, width=width,
-           edgecolor='tab:red', color='tab:red', alpha=0.3, hatch='//', label='gap to confidence')
+    filled = bins['count'] > 0
+    acc = np.where(filled, np.nan_to_num(bins['accuracy'], nan=0.0), 0.0)
+    conf = np.where(filled, bins['confidence'], 0.0)
+    over, under = filled & (conf > acc), filled & (acc > conf)
+    bars = {'accuracy': ax.bar(centers, acc, width=width, edgecolor='black', linewidth=0.5, color='tab:blue',
+                               label='accuracy')}
+    bars['over'] = ax.bar(centers[over], (conf - acc)[over], bottom=acc[over], width=width, fill=False,
+                          edgecolor='tab:red', hatch='//', linewidth=1.2, label='over-confident: gap to confidence')
+    bars['under'] = ax.bar(centers[under], (acc - conf)[under], bottom=conf[under], width=width, fill=False,
+                           edgecolor='tab:green', linewidth=1.8, label='under-confident: gap to confidence')
     ax.plot([0, 1], [0, 1], '--', color='gray', label='perfect calibration')
     ax.set_xlim(0, 1)
     ax.set_ylim(0, 1)
     ax.set_ylabel('accuracy')
-    ax.legend(loc='upper left', fontsize=8)
+    ax.legend(loc='upper left', fontsize=7)
     ax.text(0.97, 0.05, f'ECE {100 * ece:.2f}%\nN {int(bins["count"].sum())}', ha='right', va='bottom',
             transform=ax.transAxes, fontsize=9, bbox=dict(facecolor='white', alpha=0.8))
     ax.set_title(title or 'Reliability diagram', fontsize=10)
     ax_hist.bar(centers, bins['count'] / total, width=width, edgecolor='black', color='tab:gray')
     ax_hist.set_xlabel(f'top-1 confidence ({n_bins} bins)')
     ax_hist.set_ylabel('fraction')
-    fig.tight_layout()
-    with atomic_write(path, 'wb') as f:
-        fig.savefig(f, format='png', dpi=100)
-    plt.close(fig)
-    return path
+    return bars
 
 
 def reliability_diagram(

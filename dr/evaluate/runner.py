@@ -19,8 +19,15 @@ from timm.utils import setup_default_logging
 
 from ..config import save_args_yaml
 from ..io import software_versions
-from .attacks import AUTOATTACK_EPS, autoattack_status
-from .corruptions import IMAGENET_C_CORRUPTIONS, summarize_corruption_errors
+from .attacks import AUTOATTACK_PACKAGE, autoattack_status, describe_autoattack
+from .corruptions import (
+    ALEXNET_CLEAN_ERR,
+    DIGITS_C_VERSION,
+    IMAGENET_C_CORRUPTIONS,
+    IMAGENET_C_EXTRA,
+    SEVERITIES,
+    summarize_corruption_errors,
+)
 from .loop import (
     AttackConfig,
     all_reduce_int,
@@ -43,8 +50,9 @@ from .report import (
     reliability_diagram_from_sums,
     results_paths,
     write_results,
+    write_timm_results,
 )
-from .sets import SET_SPECS, BadImageError, EvalPart
+from .sets import IMAGENET_C_PROTOCOL_TEXT, SET_SPECS, BadImageError, EvalPart, View
 
 _logger = logging.getLogger(__name__)
 
@@ -80,7 +88,7 @@ def setup_process(args: argparse.Namespace) -> EvalEnv:
     if args.autoattack and not aa_ok:
         _logger.warning(f'AutoAttack {aa_status}; its column says so in the results')
     attack = AttackConfig(fgsm_eps=list(args.fgsm_eps or []), fgsm_n=args.fgsm_n, autoattack=args.autoattack and aa_ok,
-                          autoattack_n=args.autoattack_n, seed=args.seed)
+                          autoattack_n=args.autoattack_n, autoattack_eps=args.autoattack_eps, seed=args.seed)
     return EvalEnv(device, rank, world, autocast, attack, aa_status)
 
 
@@ -117,8 +125,9 @@ class ResultsStore:
     """
 
     def __init__(self, results_file: str, reliability_dir: Optional[str], existing: Dict[str, Any],
-                 meta: Dict[str, Any], primary: bool, resume: bool):
+                 meta: Dict[str, Any], primary: bool, resume: bool, results_format: str = 'dr'):
         self.results_file = results_file
+        self.results_format = results_format
         self.reliability_dir = reliability_dir
         self.existing_rows: List[Dict[str, Any]] = existing['results']
         self.meta = meta
@@ -148,7 +157,10 @@ class ResultsStore:
 
     def flush(self) -> None:
         if self.primary and self.results_file:
-            write_results(self.results_file, merge_rows(self.existing_rows, self.new_rows), self.meta)
+            rows = merge_rows(self.existing_rows, self.new_rows)
+            write_results(self.results_file, rows, self.meta)
+            if self.results_format == 'timm':
+                write_timm_results(self.results_file, rows)
 
     def diagram(self, tag: str, row: Dict[str, Any]) -> None:
         """Write the row's reliability diagram (primary rank, rows with calibration bins) and record its path."""
@@ -180,7 +192,8 @@ def open_results(args: argparse.Namespace, args_text: str, plan: EvalPlan, env: 
     meta.update({'software': software_versions(), 'conventions': _conventions(args, plan)})
     if plan.missing:
         meta['missing_sets'] = {'root': args.suite, 'sets': plan.missing}
-    return ResultsStore(results_file, reliability_dir, existing, meta, env.primary, resume=not args.no_resume)
+    return ResultsStore(results_file, reliability_dir, existing, meta, env.primary, resume=not args.no_resume,
+                        results_format=args.results_format)
 
 
 def _conventions(args: argparse.Namespace, plan: EvalPlan) -> Dict[str, Any]:
@@ -188,14 +201,25 @@ def _conventions(args: argparse.Namespace, plan: EvalPlan) -> Dict[str, Any]:
         'calibration': f'top-1 confidence, {args.n_bins} equal-width bins (lo, hi] (0 in the first, 1.0 in the '
                        f'last), ECE = sum |bin|/N |acc - conf| (Guo et al. 2017); ece/mce columns in percent, '
                        f'nll in nats (mean -log p(target))',
-        'accuracy': 'top1/top5 and errors in percent; skipped = unreadable images left out (--skip-bad-images)',
+        'accuracy': 'top1/top5 and errors in percent; count = images scored; expected_count = the official size of '
+                    'the set (per corruption and severity for ImageNet-C); complete = count matches it and no image '
+                    'was skipped; skipped = unreadable images left out (--skip-bad-images)',
         'fgsm': 'L-inf FGSM in [0,1] pixel space, normalisation inside the model, eps in 1/255 units, one '
                 'gradient of the cross-entropy per image, model in eval mode; attacks the clean sets',
-        'autoattack': f'torchattacks AutoAttack standard (APGD-CE, APGD-T, FAB-T, Square), Linf, eps '
-                      f'{AUTOATTACK_EPS:g}/255',
-        'imagenet-c': 'mCE = mean over the 15 corruptions of (mean top-1 error over severities / AlexNet mean '
-                      'error) in percent, AlexNet constants in dr/corruptions.py; c_mean_err = unnormalised mean '
-                      'error; c_100_minus_mce as in the DR paper; extras in c_extra_mean_err',
+        'autoattack': f'AutoAttack reference implementation ({AUTOATTACK_PACKAGE}, fra31/auto-attack), version '
+                      f'standard: APGD-CE, APGD-T (9 targets), FAB-T (9 targets), Square (5000 queries), 100 '
+                      f'iterations, L-inf, eps {args.autoattack_eps:g}/255, seed {args.seed}, model in eval mode, '
+                      f'float32; autoattack_top1 = robust accuracy (%) over autoattack_count attacked images; the '
+                      f'full configuration read from the attack object is in each row\'s "autoattack"',
+        'imagenet-c': f'images fed {IMAGENET_C_PROTOCOL_TEXT[args.imagenet_c_protocol]}; mCE = mean over the 15 '
+                      f'corruptions of (mean top-1 error over severities / AlexNet mean error), relative mCE = mean '
+                      f'of (mean error - clean error) / (AlexNet mean error - AlexNet clean error '
+                      f'{ALEXNET_CLEAN_ERR:.5f}), in percent, AlexNet constants in dr/evaluate/corruptions.py; '
+                      f'c_mean_err = unnormalised mean error; c_100_minus_mce as in the DR paper; extras in '
+                      f'c_extra_mean_err',
+        'digits-c': f'ImageNet-C corruption recipes (make_imagenet_c.py) on the digits val split, pixel lengths scaled '
+                    f'by side/224, quantised with np.uint8 and re-saved as JPEG quality 85, seeded per sample; '
+                    f'recipe version {DIGITS_C_VERSION}',
         'sets': {name: SET_SPECS[name].convention for name in plan.set_names if name in SET_SPECS},
     }
 
@@ -207,34 +231,22 @@ def evaluate_model(em: EvalModel, plan: EvalPlan, parts: PartsCache, store: Resu
                    env: EvalEnv) -> Dict[str, Dict[str, Any]]:
     """Every planned set on one model; returns its rows by set name (also stored in ``em.rows``)."""
     data_config, digits_size = resolve_eval_data_config(args, em, plan.has_digits)
-    param_count = param_count_m(em.model)
     net = prepare_model(em, data_config, args, env.device)
+    base_row = _base_row(em, data_config, plan, args)
+    key_base = _key_base(em, data_config, digits_size, plan, args, env)
     if env.primary:
-        _logger.info(f'{em.tag}: {em.arch} ({param_count}M params), data config {data_config}')
-    base_row = {
-        'model': em.arch, 'tag': em.tag, 'param_count': param_count, 'img_size': data_config['input_size'][-1],
-        'crop_pct': data_config['crop_pct'], 'interpolation': data_config['interpolation'],
-        'checkpoint': em.checkpoint['path'], 'checkpoint_sha256': em.checkpoint['sha256'], 'use_ema': args.use_ema,
-        'amp': args.amp_dtype if args.amp else '', 'num_classes': plan.num_classes,
-    }
-    key_base = {
-        'arch': em.arch, 'sha256': em.checkpoint['sha256'], 'pretrained': args.pretrained, 'use_ema': args.use_ema,
-        'model_kwargs': plan.model_kwargs, 'data_config': data_config, 'amp': base_row['amp'],
-        'fgsm_eps': env.attack.fgsm_eps, 'fgsm_n': args.fgsm_n, 'autoattack': args.autoattack,
-        'autoattack_n': args.autoattack_n, 'seed': args.seed, 'n_bins': args.n_bins,
-        'skip_bad_images': args.skip_bad_images, 'digits_size': digits_size,
-    }
+        _logger.info(f'{em.tag}: {em.arch} ({base_row["param_count"]}M params), data config {data_config}')
     em.rows = {}
     for set_name, path in plan.sets:
         convention = SET_SPECS[set_name].convention if set_name in SET_SPECS else f'ImageFolder {path}'
         set_parts = parts.parts(set_name, path, digits_size)
         for part in set_parts:
-            key = config_key({**key_base, 'set': set_name, 'part': part.name,
-                              'path': os.path.abspath(path) if path else ''})
+            key = config_key({**key_base, 'set': set_name, 'part': part.name, 'protocol': part.protocol,
+                              'path': os.path.abspath(path) if path else '', 'fingerprint': part.fingerprint})
             rows = _reused_rows(em.tag, part, key, store)
             if rows is None:
-                rows = _evaluate_part(net, part, data_config, {**base_row, 'config_key': key,
-                                                               'convention': convention}, args, env)
+                row0 = {**base_row, 'config_key': key, 'convention': convention, 'data_fingerprint': part.fingerprint}
+                rows = _evaluate_part(net, part, data_config, row0, args, env)
                 if part.corruption is None:
                     for row in rows:
                         store.diagram(em.tag, row)
@@ -253,8 +265,32 @@ def evaluate_model(em: EvalModel, plan: EvalPlan, parts: PartsCache, store: Resu
     return em.rows
 
 
+def _base_row(em: EvalModel, data_config: Dict[str, Any], plan: EvalPlan, args: argparse.Namespace
+              ) -> Dict[str, Any]:
+    return {
+        'tag': em.tag, 'model': em.arch, 'checkpoint_sha256': em.checkpoint['sha256'],
+        'param_count': param_count_m(em.model), 'img_size': data_config['input_size'][-1],
+        'crop_pct': data_config['crop_pct'], 'interpolation': data_config['interpolation'],
+        'checkpoint': em.checkpoint['path'], 'use_ema': args.use_ema, 'amp': args.amp_dtype if args.amp else '',
+        'num_classes': plan.num_classes,
+    }
+
+
+def _key_base(em: EvalModel, data_config: Dict[str, Any], digits_size: int, plan: EvalPlan,
+              args: argparse.Namespace, env: EvalEnv) -> Dict[str, Any]:
+    """Everything besides the set that determines a row's numbers (hashed into ``config_key``)."""
+    return {
+        'arch': em.arch, 'sha256': em.checkpoint['sha256'], 'pretrained': args.pretrained, 'use_ema': args.use_ema,
+        'model_kwargs': plan.model_kwargs, 'data_config': data_config, 'amp': args.amp_dtype if args.amp else '',
+        'fgsm_eps': env.attack.fgsm_eps, 'fgsm_n': args.fgsm_n, 'autoattack': args.autoattack,
+        'autoattack_n': args.autoattack_n, 'autoattack_eps': args.autoattack_eps,
+        'autoattack_impl': env.autoattack_status, 'seed': args.seed, 'n_bins': args.n_bins,
+        'skip_bad_images': args.skip_bad_images, 'digits_size': digits_size,
+    }
+
+
 def _reused_rows(tag: str, part: EvalPart, key: str, store: ResultsStore) -> Optional[List[Dict[str, Any]]]:
-    """The rows of a pass from an earlier run with identical settings, if all of them are there."""
+    """The rows of a pass from an earlier run with identical settings and data, if all of them are there."""
     expected = [v.name for v in part.views] + (['imagenet-real'] if any(v.real for v in part.views) else [])
     reused = [store.find(tag, n, key) for n in expected]
     if not all(r is not None for r in reused):
@@ -269,7 +305,8 @@ def _evaluate_part(net: torch.nn.Module, part: EvalPart, data_config: Dict[str, 
     """One pass over a dataset: its rows (one per view, plus ImageNet ReaL)."""
     loader = create_eval_loader(part.dataset, data_config, args.batch_size, args.workers, env.rank, env.world,
                                 crop_border_pixels=part.crop_border_pixels,
-                                pin_memory=args.pin_mem and env.device.type == 'cuda')
+                                pin_memory=args.pin_mem and env.device.type == 'cuda',
+                                center_crop_only=part.center_crop_only)
     try:
         records, skipped = evaluate_part(net, part, loader, env.device, autocast=env.autocast, attack=env.attack,
                                          progress=env.primary and not args.no_progress,
@@ -282,26 +319,43 @@ def _evaluate_part(net: torch.nn.Module, part: EvalPart, data_config: Dict[str, 
             raise ValidateError(lines[-1].split('BadImageError: ')[-1] if lines else str(e)) from None
         raise
     skipped = all_reduce_int(skipped, env.device)
+    complete = None if part.complete is None else bool(part.complete and skipped == 0)
+    part_row = {**base_row, 'skipped': skipped, 'complete': complete, 'protocol': part.protocol}
     rows = []
     for view in part.views:
         rec = gather_records(records[view.name], env.device)
-        eps = env.attack.fgsm_eps if view.attack else ()
-        row = {**base_row, 'set': view.name, 'skipped': skipped, 'num_classes': view.num_classes or
-               base_row['num_classes'], 'corruption': part.corruption or '', 'severity': part.severity or '',
-               **summarize_records(rec, args.n_bins, fgsm_eps=eps)}
-        if view.attack and eps:
-            row['fgsm'] = {f'{e:g}': row.get(fgsm_column(e)) for e in eps}
-        if view.attack and args.autoattack:
-            row['autoattack_status'] = env.autoattack_status  # '<package> <version>' or 'unavailable: <why>'
-            if not env.attack.autoattack:
-                row['autoattack_top1'] = None
-        rows.append(row)
+        rows.append(_view_row(view, part, rec, part_row, args, env))
         if view.real and part.real_labels is not None:
-            rows.append({**base_row, 'set': 'imagenet-real', 'skipped': skipped,
+            rows.append({**part_row, 'set': 'imagenet-real',
                          'convention': 'ImageNet val with ReaL labels (timm bundled imagenet_real_labels.json); '
                                        'images without ReaL labels left out',
                          **summarize_real(rec, part.real_labels)})
+    if complete is False and env.primary:
+        _logger.warning(f'{part.name}: {part.num_samples - skipped} of {part.expected_size} images scored '
+                        f'({skipped} skipped): rows marked complete = false')
     return rows
+
+
+def _view_row(view: View, part: EvalPart, rec: Dict[str, torch.Tensor], part_row: Dict[str, Any],
+              args: argparse.Namespace, env: EvalEnv) -> Dict[str, Any]:
+    """The results row of one view of a pass."""
+    eps = env.attack.fgsm_eps if view.attack else ()
+    row = {**part_row, 'set': view.name, 'num_classes': view.num_classes or part_row['num_classes'],
+           'corruption': part.corruption or '', 'severity': part.severity or '',
+           **summarize_records(rec, args.n_bins, fgsm_eps=eps)}
+    if view.name == part.name:
+        row['expected_count'] = part.expected_size
+    if view.attack and eps:
+        row['fgsm'] = {f'{e:g}': row.get(fgsm_column(e)) for e in eps}
+    if view.attack and args.autoattack:
+        row['autoattack_status'] = env.autoattack_status  # 'pyautoattack <version>' or 'unavailable: <why>'
+        row['autoattack_eps'] = args.autoattack_eps
+        if env.attack.autoattack:
+            row['autoattack'] = describe_autoattack(view.num_classes or part_row['num_classes'], args.autoattack_eps,
+                                                    args.seed)
+        else:
+            row['autoattack_top1'] = None
+    return row
 
 
 def corruption_summary(set_name: str, parts: List[EvalPart], rows_by_set: Dict[str, Dict[str, Any]],
@@ -314,17 +368,29 @@ def corruption_summary(set_name: str, parts: List[EvalPart], rows_by_set: Dict[s
     clean = rows_by_set.get('digits-c/clean' if set_name == 'digits-c' else 'imagenet')
     clean_err = clean['top1_err'] / 100.0 if clean and clean.get('top1_err') is not None else None
     s = summarize_corruption_errors(errors, clean_error=clean_err, imagenet=set_name == 'imagenet-c')
-    bench = [r for r in part_rows if set_name == 'digits-c' or r['corruption'] in IMAGENET_C_CORRUPTIONS]
+    bench = [r for r in part_rows if r['corruption'] not in IMAGENET_C_EXTRA
+             and (set_name == 'digits-c' or r['corruption'] in IMAGENET_C_CORRUPTIONS)]
     top5 = [r['top5'] for r in bench if r.get('top5') is not None]
+    missing = _missing_benchmark_parts(set_name, parts)
     row = {**base_row, 'set': set_name, 'top1': 100.0 - s['mean_err'], 'top1_err': s['mean_err'],
            'top5': sum(top5) / len(top5) if top5 else float('nan'),
            'count': sum(r['count'] for r in part_rows), 'skipped': sum(r.get('skipped') or 0 for r in part_rows),
+           'complete': all(r.get('complete') is not False for r in part_rows) and not missing,
+           'c_missing': missing, 'protocol': part_rows[0].get('protocol', '') if part_rows else '',
            'corruption': 'mean', 'severity': '',
            'c_mean_err': s['mean_err'], 'c_extra_mean_err': s['extra_mean_err'], 'c_mce': s['mce'],
-           'c_100_minus_mce': s['100_minus_mce'], 'c_rel_mean_err': s['rel_mean_err'],
+           'c_100_minus_mce': s['100_minus_mce'], 'c_rel_mce': s['rel_mce'], 'c_rel_mean_err': s['rel_mean_err'],
            'c_corruptions': sorted(errors), 'config_key': '', **pooled_calibration(bench)}
     row['top5_err'] = 100.0 - row['top5']
     return row
+
+
+def _missing_benchmark_parts(set_name: str, parts: List[EvalPart]) -> List[str]:
+    """ImageNet-C corruption/severity folders of the 15-corruption benchmark that were not found."""
+    if set_name != 'imagenet-c':
+        return []
+    have = {(p.corruption, p.severity) for p in parts}
+    return [f'{c}/{s}' for c in IMAGENET_C_CORRUPTIONS for s in SEVERITIES if (c, s) not in have]
 
 
 def report_run(models: List[EvalModel], plan: EvalPlan, store: ResultsStore, args: argparse.Namespace,

@@ -6,21 +6,29 @@ Every set is read from a documented folder name under a suite root (``validate.p
 index. What a set scores is described by its ``View`` objects: which logit columns are kept (ImageNet-A/-R: 200),
 how ObjectNet's 113 class scores are formed from the 1000 logits, and which samples count.
 """
+import csv
+import hashlib
+import io
 import json
 import logging
 import os
 import pkgutil
 import re
+import tarfile
 from dataclasses import dataclass, field
-from functools import cache
+from functools import cache, cached_property
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
+import numpy as np
+import scipy.io
 import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
 from .corruptions import (
     DIGITS_C_CORRUPTIONS,
+    DIGITS_C_DEFAULT,
+    DIGITS_C_VERSION,
     IMAGENET_C_CORRUPTIONS,
     IMAGENET_C_EXTRA,
     SEVERITIES,
@@ -31,9 +39,18 @@ _logger = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.webp', '.ppm', '.tif', '.tiff')
 IMAGENET_NUM_CLASSES = 1000
-DIGITS_C_DEFAULT = ('gaussian_noise', 'impulse_noise', 'gaussian_blur', 'contrast', 'pixelate')
 OBJECTNET_BORDER_PIXELS = 2
+IMAGENET_C_PROTOCOLS = ('center-crop', 'resize')
+IMAGENET_C_PROTOCOL_TEXT = {
+    'center-crop': "center-cropped to the input size without resizing (the 224-px files as the ImageNet-C authors' "
+                   "test.py feeds them, the protocol behind the AlexNet normalisation)",
+    'resize': "through the model's eval transform (resize + center crop), as some papers do",
+}
 _REAL_NAME = re.compile(r'^ILSVRC2012_val_(\d{8})\.[A-Za-z]+$')
+VAL_SOLUTION_CSV = 'LOC_val_solution.csv'  # the Kaggle ImageNet release
+DEVKIT = 'ILSVRC2012_devkit_t12'  # the official devkit (folder or .tar.gz)
+DEVKIT_GROUND_TRUTH = 'data/ILSVRC2012_validation_ground_truth.txt'
+DEVKIT_META = 'data/meta.mat'
 
 
 class BadImageError(RuntimeError):
@@ -176,6 +193,96 @@ def numeric_samples(root: str) -> List[Tuple[str, int]]:
     for name, idx in numeric_class_folders(root):
         samples.extend((p, idx) for p in list_class_folder(os.path.join(root, name)))
     return samples
+
+
+def flat_val_files(folder: str) -> List[str]:
+    """``ILSVRC2012_val_XXXXXXXX.*`` files directly in ``folder`` (the official val tar extracts flat), sorted."""
+    if not os.path.isdir(folder):
+        return []
+    return sorted(e.path for e in os.scandir(folder) if e.is_file() and _REAL_NAME.match(e.name))
+
+
+def imagenet_val_samples(path: str, search: Sequence[str] = ()) -> List[Tuple[str, int]]:
+    """(path, ImageNet-1k index) of ImageNet val: ``<wnid>/`` folders, or flat files with official labels.
+
+    Flat files (as extracted from ``ILSVRC2012_img_val.tar``) are labelled from ``LOC_val_solution.csv`` (Kaggle) or
+    the devkit (``ILSVRC2012_devkit_t12/`` or ``.tar.gz``: ``validation_ground_truth.txt`` + ``meta.mat``), looked
+    for in ``path``, its parent folders up to two levels, and ``search``.
+
+    Raises:
+        ValueError: flat files without a label file, or a file the labels do not cover (named).
+    """
+    files = flat_val_files(path)
+    if not files or class_folders(path):
+        return wnid_samples(path)
+    labels = find_val_labels(path, search)
+    if labels is None:
+        raise ValueError(f'ImageNet val at {path} holds flat ILSVRC2012_val_*.JPEG files (the official tar layout) '
+                         f'but no labels: put {VAL_SOLUTION_CSV} or {DEVKIT} (folder or .tar.gz) in {path} or a '
+                         f'parent folder')
+    source, by_name = labels
+    samples = []
+    for f in files:
+        stem = os.path.splitext(os.path.basename(f))[0]
+        if stem not in by_name:
+            raise ValueError(f'{source}: no label for {f}')
+        samples.append((f, by_name[stem]))
+    return samples
+
+
+def find_val_labels(path: str, search: Sequence[str] = ()) -> Optional[Tuple[str, Dict[str, int]]]:
+    """(label file, {``ILSVRC2012_val_XXXXXXXX``: ImageNet-1k index}) from the first label source found."""
+    parent = os.path.dirname(os.path.abspath(path))
+    folders = list(dict.fromkeys([path, parent, os.path.dirname(parent), *search]))
+    for folder in folders:
+        csv_path = os.path.join(folder, VAL_SOLUTION_CSV)
+        if os.path.isfile(csv_path):
+            return csv_path, read_val_solution_csv(csv_path)
+        for name in (DEVKIT, DEVKIT + '.tar.gz'):
+            devkit = os.path.join(folder, name)
+            if os.path.exists(devkit):
+                return devkit, read_devkit_labels(devkit)
+    return None
+
+
+def read_val_solution_csv(path: str) -> Dict[str, int]:
+    """Kaggle's ``LOC_val_solution.csv`` (``ImageId,PredictionString``; the first token is the wnid)."""
+    to_index = imagenet_wnid_to_index()
+    out = {}
+    with open(path, newline='') as f:
+        for row in csv.DictReader(f):
+            try:
+                wnid = row['PredictionString'].split()[0]
+                out[row['ImageId']] = to_index[wnid]
+            except (KeyError, IndexError, TypeError):
+                raise ValueError(f'{path}: bad row {row}') from None
+    return out
+
+
+def read_devkit_labels(devkit: str) -> Dict[str, int]:
+    """Val labels from the ILSVRC2012 devkit (a folder or the ``.tar.gz``): ground-truth ILSVRC ids mapped to
+    WordNet ids by ``meta.mat``, then to ImageNet-1k indices."""
+    if os.path.isdir(devkit):
+        with open(os.path.join(devkit, DEVKIT_GROUND_TRUTH), 'rb') as f:
+            truth = f.read()
+        with open(os.path.join(devkit, DEVKIT_META), 'rb') as f:
+            meta = f.read()
+    else:
+        with tarfile.open(devkit) as tar:
+            truth = _tar_member(tar, DEVKIT_GROUND_TRUTH, devkit)
+            meta = _tar_member(tar, DEVKIT_META, devkit)
+    synsets = scipy.io.loadmat(io.BytesIO(meta), squeeze_me=True)['synsets']
+    id_to_wnid = {int(s['ILSVRC2012_ID']): str(s['WNID']) for s in synsets if int(s['num_children']) == 0}
+    to_index = imagenet_wnid_to_index()
+    ids = [int(v) for v in truth.decode().split()]
+    return {f'ILSVRC2012_val_{i + 1:08d}': to_index[id_to_wnid[v]] for i, v in enumerate(ids)}
+
+
+def _tar_member(tar: tarfile.TarFile, suffix: str, name: str) -> bytes:
+    for m in tar.getmembers():
+        if m.isfile() and m.name.endswith(suffix):
+            return tar.extractfile(m).read()
+    raise ValueError(f'{name}: no {suffix} inside')
 
 
 class ImageListDataset(Dataset):
@@ -389,7 +496,10 @@ class EvalPart:
         crop_border_pixels: pixels cut from each border before resizing (ObjectNet: 2).
         corruption / severity: for -C parts.
         real_labels: per dataset index, the ReaL labels (ImageNet val only).
-        num_samples: len(dataset).
+        expected_size: the official number of images of this pass (None: no official size).
+        center_crop_only: feed images center-cropped to the input size without resizing (the ImageNet-C protocol).
+        protocol: how images are fed, for the results (``center-crop`` / ``resize``; '' = the model's eval
+            transform).
     """
     name: str
     dataset: Dataset
@@ -398,10 +508,60 @@ class EvalPart:
     corruption: Optional[str] = None
     severity: Optional[int] = None
     real_labels: Optional[List[Optional[Tuple[int, ...]]]] = None
+    expected_size: Optional[int] = None
+    center_crop_only: bool = False
+    protocol: str = ''
 
     @property
     def num_samples(self) -> int:
         return len(self.dataset)
+
+    @property
+    def complete(self) -> Optional[bool]:
+        """Whether the pass has its official number of images (None when there is no official size)."""
+        return None if self.expected_size is None else self.num_samples == self.expected_size
+
+    @cached_property
+    def fingerprint(self) -> str:
+        """Hash of what the pass reads (file names, sizes, mtimes and labels; generated sets: their recipe)."""
+        return dataset_fingerprint(self.dataset)
+
+
+def dataset_fingerprint(dataset: Any) -> str:
+    """Short hash of a dataset's contents as listed: files (path, label, size, mtime) or in-memory images.
+
+    Reruns reuse a stored result only when this is unchanged, so adding, removing or replacing an image (or
+    relabelling) recomputes the rows of that set.
+    """
+    h = hashlib.sha256()
+    _update_fingerprint(h, dataset)
+    return h.hexdigest()[:16]
+
+
+def _update_fingerprint(h: Any, ds: Any) -> None:
+    if isinstance(ds, IndexedDataset):
+        return _update_fingerprint(h, ds.base)
+    if isinstance(ds, CorruptedDataset):
+        h.update(f'corrupted {ds.corruption} {ds.severity} seed {ds.seed} digits-c v{DIGITS_C_VERSION}\n'.encode())
+        return _update_fingerprint(h, ds.base)
+    samples = getattr(ds, 'samples', None)
+    if samples is None:
+        samples = getattr(getattr(ds, 'reader', None), 'samples', None)
+    if samples is not None:
+        for path, target in samples:
+            try:
+                st = os.stat(path)
+                h.update(f'{path}\t{target}\t{st.st_size}\t{st.st_mtime_ns}\n'.encode())
+            except (OSError, TypeError):
+                h.update(f'{path}\t{target}\tmissing\n'.encode())
+        return None
+    images = getattr(ds, 'images', None)
+    h.update(f'{type(ds).__name__} {len(ds)}\n'.encode())
+    if images is not None:
+        for img in images:
+            h.update(np.ascontiguousarray(img).tobytes())
+        h.update(np.asarray(getattr(ds, 'targets', []), dtype=np.int64).tobytes())
+    return None
 
 
 @dataclass
@@ -414,6 +574,7 @@ class SetSpec:
     convention: str
     table_name: str = ''
     builtin: bool = False
+    official_size: Optional[int] = None  # images per pass of the official release (ImageNet-C: per corruption+severity)
 
     def find(self, root: Optional[str]) -> Optional[str]:
         """Path of this set under ``root`` (first documented folder name that exists and looks right)."""
@@ -436,42 +597,55 @@ def _looks_like(set_name: str, path: str) -> bool:
     if set_name == 'imagenet-c':
         known = set(IMAGENET_C_CORRUPTIONS) | set(IMAGENET_C_EXTRA)
         return any(os.path.isdir(os.path.join(path, c)) for c in known)
+    if set_name == 'imagenet' and flat_val_files(path):
+        return True
     return any(True for _ in class_folders(path))
 
 
 _V2_CONV = ('ImageNetV2 {}: class folders named by ImageNet-1k index 0..999, ordered numerically; 1000-way top-1.')
+DIGITS_VAL_SIZE = 359  # dr.data.DigitsDataset('val'): 20% of each class of scikit-learn's 1797 digits
 SET_SPECS: Dict[str, SetSpec] = {s.name: s for s in [
     SetSpec('digits', (), 10, 'clean', 'Embedded scikit-learn digits, val split (dr.data.DigitsDataset, 359 images).',
-            'digits', builtin=True),
+            'digits', builtin=True, official_size=DIGITS_VAL_SIZE),
     SetSpec('digits-c', (), 10, 'corruption',
-            'digits val split corrupted on the fly (seeded per sample): ' + ', '.join(DIGITS_C_DEFAULT)
-            + ' at severities 1-5; mean top-1 error over corruptions and severities (no AlexNet normalisation).',
-            'digits-C', builtin=True),
-    SetSpec('imagenet', ('imagenet/val', 'imagenet-val', 'val'), 1000, 'clean',
-            'ImageNet-1k val, <wnid>/ folders, 1000-way; also imagenet-real (ReaL labels from timm, files named '
-            'ILSVRC2012_val_XXXXXXXX.*) and imagenet-a-clean / imagenet-r-clean (val images of the 200 A/R classes, '
-            'logits restricted to those 200).', 'ImageNet'),
+            'digits val split corrupted on the fly (seeded per sample) with the ImageNet-C corruption recipes scaled '
+            'to the image size, each re-saved as JPEG quality 85: ' + ', '.join(DIGITS_C_DEFAULT)
+            + ' by default, at severities 1-5; mean top-1 error over corruptions and severities (no AlexNet '
+              'normalisation).', 'digits-C', builtin=True, official_size=DIGITS_VAL_SIZE),
+    SetSpec('imagenet', ('imagenet/val', 'imagenet-val', 'val', 'ILSVRC2012_img_val', 'imagenet/ILSVRC2012_img_val',
+                         'ILSVRC/Data/CLS-LOC/val', 'imagenet/ILSVRC/Data/CLS-LOC/val'), 1000, 'clean',
+            'ImageNet-1k val, <wnid>/ folders or the official flat ILSVRC2012_val_*.JPEG files labelled by '
+            'LOC_val_solution.csv or the ILSVRC2012 devkit; 1000-way; also imagenet-real (ReaL labels from timm, '
+            'files named ILSVRC2012_val_XXXXXXXX.*) and imagenet-a-clean / imagenet-r-clean (val images of the 200 '
+            'A/R classes, logits restricted to those 200).', 'ImageNet', official_size=50000),
     SetSpec('imagenetv2-matched-frequency',
-            ('imagenetv2-matched-frequency', 'imagenetv2-matched-frequency-format-val'), 1000, 'shift',
-            _V2_CONV.format('matched-frequency'), 'V2-MF'),
-    SetSpec('imagenetv2-threshold0.7', ('imagenetv2-threshold0.7', 'imagenetv2-threshold0.7-format-val'), 1000,
-            'shift', _V2_CONV.format('threshold-0.7'), 'V2-T0.7'),
-    SetSpec('imagenetv2-top-images', ('imagenetv2-top-images', 'imagenetv2-top-images-format-val'), 1000, 'shift',
-            _V2_CONV.format('top-images'), 'V2-TI'),
+            ('imagenetv2-matched-frequency', 'imagenetv2-matched-frequency-format-val',
+             'ImageNetV2-matched-frequency'), 1000, 'shift', _V2_CONV.format('matched-frequency'), 'V2-MF',
+            official_size=10000),
+    SetSpec('imagenetv2-threshold0.7', ('imagenetv2-threshold0.7', 'imagenetv2-threshold0.7-format-val',
+                                        'ImageNetV2-threshold0.7'), 1000,
+            'shift', _V2_CONV.format('threshold-0.7'), 'V2-T0.7', official_size=10000),
+    SetSpec('imagenetv2-top-images', ('imagenetv2-top-images', 'imagenetv2-top-images-format-val',
+                                      'ImageNetV2-top-images'), 1000, 'shift',
+            _V2_CONV.format('top-images'), 'V2-TI', official_size=10000),
     SetSpec('imagenet-a', ('imagenet-a',), 1000, 'shift',
-            'ImageNet-A, <wnid>/ folders of its 200 classes; logits restricted to timm imagenet_a_indices.txt.', 'A'),
+            'ImageNet-A, <wnid>/ folders of its 200 classes; logits restricted to timm imagenet_a_indices.txt.', 'A',
+            official_size=7500),
     SetSpec('imagenet-r', ('imagenet-r',), 1000, 'shift',
-            'ImageNet-R, <wnid>/ folders of its 200 classes; logits restricted to timm imagenet_r_indices.txt.', 'R'),
+            'ImageNet-R, <wnid>/ folders of its 200 classes; logits restricted to timm imagenet_r_indices.txt.', 'R',
+            official_size=30000),
     SetSpec('imagenet-sketch', ('imagenet-sketch', 'sketch'), 1000, 'shift',
-            'ImageNet-Sketch, <wnid>/ folders, 1000-way top-1.', 'Sketch'),
-    SetSpec('objectnet', ('objectnet', 'objectnet-1.0'), 1000, 'shift',
+            'ImageNet-Sketch, <wnid>/ folders, 1000-way top-1.', 'Sketch', official_size=50889),
+    SetSpec('objectnet', ('objectnet', 'objectnet-1.0', 'objectnet/objectnet-1.0'), 1000, 'shift',
             'ObjectNet 1.0 (images/<folder>/, mappings/): the 113 classes that map to ImageNet-1k (125 indices) per '
             "the dataset's own mapping files; 2-pixel border cropped; prediction = class of the best logit among "
-            'the mapped indices (class score = max over its indices).', 'ObjectNet'),
-    SetSpec('imagenet-c', ('imagenet-c',), 1000, 'corruption',
-            'ImageNet-C, <corruption>/<severity 1..5>/<wnid>/; top-1 error per corruption and severity; mCE = mean '
-            'over the 15 corruptions of (mean error / AlexNet mean error), in %; extras (speckle_noise, '
-            'gaussian_blur, spatter, saturate) reported separately; table shows 100 - mCE.', 'C'),
+            'the mapped indices (class score = max over its indices).', 'ObjectNet', official_size=18574),
+    SetSpec('imagenet-c', ('imagenet-c', 'ImageNet-C'), 1000, 'corruption',
+            'ImageNet-C, <corruption>/<severity 1..5>/<wnid>/, 224-px images fed with a center crop only (the '
+            "authors' protocol; --imagenet-c-protocol resize: the model's resize + crop); top-1 error per corruption "
+            'and severity; mCE = mean over the 15 corruptions of (mean error / AlexNet mean error), in %; relative '
+            'mCE with AlexNet clean error 43.478%; extras (speckle_noise, gaussian_blur, spatter, saturate) reported '
+            'separately; table shows 100 - mCE.', 'C', official_size=50000),
 ]}
 SUITE_ORDER = ('imagenet', 'imagenetv2-matched-frequency', 'imagenetv2-threshold0.7', 'imagenetv2-top-images',
                'imagenet-a', 'imagenet-r', 'imagenet-sketch', 'objectnet', 'imagenet-c')
@@ -516,6 +690,8 @@ def build_parts(
         digits_size: int = 32,
         corruptions: Optional[Sequence[str]] = None,
         digits_val: Optional[Dataset] = None,
+        imagenet_c_protocol: str = 'center-crop',
+        search: Sequence[str] = (),
 ) -> List[EvalPart]:
     """The passes that evaluate set ``name`` found at ``path``.
 
@@ -527,17 +703,30 @@ def build_parts(
         digits_size: digits image side.
         corruptions: restrict -C sets to these corruptions.
         digits_val: an existing digits val dataset to reuse.
+        imagenet_c_protocol: ``center-crop`` (the 224-px images cropped to the input size, no resize: the protocol
+            behind the AlexNet normalisation) or ``resize`` (the model's eval transform).
+        search: more folders to look in for ImageNet val label files (the suite root).
     """
     if name not in SET_SPECS:
         raise ValueError(f'Unknown set {name!r}; known sets: {", ".join(SET_SPECS)}')
+    parts = _build_parts(name, path, skip_bad_images, seed, digits_size, corruptions, digits_val,
+                         imagenet_c_protocol, search)
+    for part in parts:
+        part.expected_size = SET_SPECS[name].official_size
+    return parts
+
+
+def _build_parts(name: str, path: str, skip_bad_images: bool, seed: int, digits_size: int,
+                 corruptions: Optional[Sequence[str]], digits_val: Optional[Dataset], imagenet_c_protocol: str,
+                 search: Sequence[str]) -> List[EvalPart]:
     if name in ('digits', 'digits-c'):
         return _digits_parts(name, seed, digits_size, corruptions, digits_val)
     if name == 'objectnet':
         return _objectnet_parts(path, skip_bad_images)
     if name == 'imagenet-c':
-        return _imagenet_c_parts(path, skip_bad_images, corruptions)
+        return _imagenet_c_parts(path, skip_bad_images, corruptions, imagenet_c_protocol)
     if name == 'imagenet':
-        ds = _image_list(name, path, wnid_samples(path), skip_bad_images)
+        ds = _image_list(name, path, imagenet_val_samples(path, search), skip_bad_images)
         views = [View('imagenet', attack=True, real=True), subset_view('imagenet-a-clean', 'a'),
                  subset_view('imagenet-r-clean', 'r')]
         real = real_labels_for_files([p for p, _ in ds.samples])
@@ -592,7 +781,10 @@ def _objectnet_parts(path: str, skip_bad_images: bool) -> List[EvalPart]:
                      [View('objectnet', groups=groups)], crop_border_pixels=OBJECTNET_BORDER_PIXELS)]
 
 
-def _imagenet_c_parts(path: str, skip_bad_images: bool, corruptions: Optional[Sequence[str]]) -> List[EvalPart]:
+def _imagenet_c_parts(path: str, skip_bad_images: bool, corruptions: Optional[Sequence[str]], protocol: str
+                      ) -> List[EvalPart]:
+    if protocol not in IMAGENET_C_PROTOCOLS:
+        raise ValueError(f'--imagenet-c-protocol: {protocol!r} is not one of {", ".join(IMAGENET_C_PROTOCOLS)}')
     present = [c for c in IMAGENET_C_CORRUPTIONS + IMAGENET_C_EXTRA if os.path.isdir(os.path.join(path, c))]
     chosen = _check_corruptions(corruptions, IMAGENET_C_CORRUPTIONS + IMAGENET_C_EXTRA, tuple(present), 'imagenet-c')
     parts = []
@@ -607,7 +799,8 @@ def _imagenet_c_parts(path: str, skip_bad_images: bool, corruptions: Optional[Se
                 continue
             parts.append(EvalPart(f'imagenet-c/{c}/{s}', _image_list('imagenet-c', sev_dir, wnid_samples(sev_dir),
                                                                       skip_bad_images),
-                                  [View(f'imagenet-c/{c}/{s}')], corruption=c, severity=s))
+                                  [View(f'imagenet-c/{c}/{s}')], corruption=c, severity=s,
+                                  center_crop_only=protocol == 'center-crop', protocol=protocol))
     if not parts:
         raise ValueError(f'ImageNet-C: no <corruption>/<severity>/ folders under {path}')
     return parts

@@ -133,3 +133,30 @@ def test_reliability_diagram_png(tmp_path):
         assert f.read(8) == b'\x89PNG\r\n\x1a\n'
     assert os.path.getsize(path) > 1000
     assert not [p for p in os.listdir(tmp_path / 'sub') if p.endswith('.tmp')]
+
+
+def test_reliability_gaps_are_outlines_coloured_by_direction():
+    """Over-confident bins (confidence above accuracy) and under-confident ones (below) draw their gap as an unfilled
+    outline in different colours, so the accuracy bar under an under-confident gap stays visible."""
+    from matplotlib.colors import to_rgba
+    from matplotlib.figure import Figure
+
+    from dr.evaluate.report import draw_reliability
+    # 3 bins: over-confident (confidence 0.3, accuracy 0.1), empty, under-confident (confidence 0.85, accuracy 0.95)
+    count = np.array([10, 0, 20])
+    conf_sum = np.array([3.0, 0.0, 17.0])  # mean confidence 0.3 and 0.85
+    correct_sum = np.array([1.0, 0.0, 19.0])  # accuracy 0.1 and 0.95
+    fig = Figure()
+    ax, ax_hist = fig.subplots(2, 1)
+    bars = draw_reliability(ax, ax_hist, count, conf_sum, correct_sum)
+    acc = [p.get_height() for p in bars['accuracy'].patches]
+    assert acc == pytest.approx([0.1, 0.0, 0.95])
+    over, = bars['over'].patches
+    under, = bars['under'].patches
+    assert (over.get_y(), over.get_height()) == pytest.approx((0.1, 0.2))  # from accuracy up to confidence
+    assert (under.get_y(), under.get_height()) == pytest.approx((0.85, 0.1))  # inside the accuracy bar
+    for p in (over, under):
+        assert not p.get_fill() and p.get_facecolor()[3] == 0  # outline only: the accuracy bar shows through
+    assert to_rgba(over.get_edgecolor()) != to_rgba(under.get_edgecolor())
+    labels = ax.get_legend_handles_labels()[1]
+    assert any('over-confident' in t for t in labels) and any('under-confident' in t for t in labels)

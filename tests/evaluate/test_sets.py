@@ -56,7 +56,7 @@ def _png(path, value, size=16, border=None):
 
 def _evaluate(model, part, batch_size=3):
     loader = create_eval_loader(part.dataset, DATA_CONFIG, batch_size=batch_size,
-                                crop_border_pixels=part.crop_border_pixels)
+                                crop_border_pixels=part.crop_border_pixels, center_crop_only=part.center_crop_only)
     records, skipped = evaluate_part(model, part, loader, torch.device('cpu'), progress=False)
     return {name: summarize_records(rec) for name, rec in records.items()}, records, skipped
 
@@ -234,3 +234,119 @@ def test_unreadable_image_error_and_skip(tmp_path):
     summary, _, skipped = _evaluate(model, part, batch_size=2)
     assert skipped == 1
     assert summary['folder']['count'] == 2 and summary['folder']['top1'] == pytest.approx(100.0)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# official layouts, official sizes, fingerprints and the ImageNet-C protocol
+
+def _flat_val(root, n=4):
+    """ILSVRC2012_val_0000000{1..n}.png flat in ``root`` (as the official val tar extracts), grey value 10 * i."""
+    for i in range(1, n + 1):
+        _png(str(root / f'ILSVRC2012_val_{i:08d}.png'), 10 * i)
+
+
+def test_imagenet_val_flat_files_labelled_by_loc_val_solution_csv(tmp_path):
+    syn = imagenet_synsets()
+    root = tmp_path / 'ILSVRC' / 'Data' / 'CLS-LOC' / 'val'
+    _flat_val(root)
+    labels = {1: 5, 2: 900, 3: 5, 4: 17}
+    rows = ['ImageId,PredictionString'] + [f'ILSVRC2012_val_{i:08d},{syn[c]} 1 2 30 40 {syn[c]} 5 6 7 8'
+                                           for i, c in labels.items()]
+    with pytest.raises(ValueError, match='no labels'):
+        build_parts('imagenet', str(root))
+    (tmp_path / 'LOC_val_solution.csv').write_text('\n'.join(rows) + '\n')  # Kaggle: at the release root
+    found, _ = discover_sets(str(tmp_path), ['imagenet'])
+    assert found['imagenet'] == str(root)
+    part, = build_parts('imagenet', found['imagenet'], search=[str(tmp_path)])
+    assert [(os.path.basename(p), t) for p, t in part.dataset.samples] == [
+        (f'ILSVRC2012_val_{i:08d}.png', c) for i, c in labels.items()]
+    assert part.real_labels is not None  # ReaL labels work on the flat names too
+    model = ValueModel()
+    model.set(10, {5: 1.0})
+    model.set(20, {900: 1.0})
+    summary, _, _ = _evaluate(model, part)
+    assert summary['imagenet']['top1'] == pytest.approx(50.0)
+
+
+@pytest.mark.parametrize('packed', [False, True])
+def test_imagenet_val_flat_files_labelled_by_the_devkit(tmp_path, packed):
+    import tarfile
+
+    import scipy.io
+    syn = imagenet_synsets()
+    # ILSVRC2012 ids are not the sorted-wnid order: id 1 is the 3rd synset here, id 2 the 1st, ...
+    order = [syn[2], syn[0], syn[999], syn[1]] + [s for s in syn if s not in (syn[0], syn[1], syn[2], syn[999])]
+    synsets = np.zeros(len(order) + 1, dtype=[('ILSVRC2012_ID', 'O'), ('WNID', 'O'), ('num_children', 'O')])
+    for i, w in enumerate(order):
+        synsets[i] = (i + 1, w, 0)
+    synsets[-1] = (1001, 'n00001740', 12)  # an inner node of the hierarchy, not a class
+    devkit = tmp_path / 'ILSVRC2012_devkit_t12'
+    (devkit / 'data').mkdir(parents=True)
+    scipy.io.savemat(str(devkit / 'data' / 'meta.mat'), {'synsets': synsets})
+    (devkit / 'data' / 'ILSVRC2012_validation_ground_truth.txt').write_text('1\n2\n3\n4\n')
+    if packed:
+        with tarfile.open(tmp_path / 'ILSVRC2012_devkit_t12.tar.gz', 'w:gz') as tar:
+            tar.add(devkit, arcname='ILSVRC2012_devkit_t12')
+        import shutil
+        shutil.rmtree(devkit)
+    root = tmp_path / 'ILSVRC2012_img_val'
+    _flat_val(root)
+    part, = build_parts('imagenet', str(root))
+    assert [t for _, t in part.dataset.samples] == [2, 0, 999, 1]
+
+
+def test_official_folder_names_are_found(tmp_path):
+    syn = imagenet_synsets()
+    _png(str(tmp_path / 'ImageNet-C' / 'fog' / '1' / syn[3] / 'x.png'), 1)  # RobustBench's name
+    _png(str(tmp_path / 'ImageNetV2-matched-frequency' / '7' / 'x.png'), 1)
+    _objectnet_tree(tmp_path / 'objectnet' / 'objectnet-1.0')  # the official zip's folder inside objectnet/
+    found, missing = discover_sets(str(tmp_path))
+    assert found['imagenet-c'] == str(tmp_path / 'ImageNet-C')
+    assert found['imagenetv2-matched-frequency'] == str(tmp_path / 'ImageNetV2-matched-frequency')
+    assert found['objectnet'] == str(tmp_path / 'objectnet' / 'objectnet-1.0')
+
+
+def test_parts_know_their_official_size():
+    from dr.evaluate.sets import SET_SPECS
+    sizes = {n: s.official_size for n, s in SET_SPECS.items()}
+    assert sizes == {'digits': 359, 'digits-c': 359, 'imagenet': 50000, 'imagenetv2-matched-frequency': 10000,
+                     'imagenetv2-threshold0.7': 10000, 'imagenetv2-top-images': 10000, 'imagenet-a': 7500,
+                     'imagenet-r': 30000, 'imagenet-sketch': 50889, 'objectnet': 18574, 'imagenet-c': 50000}
+    part, = build_parts('digits', digits_size=16)
+    assert part.expected_size == 359 and part.complete is True
+
+
+def test_fingerprint_follows_the_files(tmp_path):
+    syn = imagenet_synsets()
+    root = tmp_path / 'imagenet-sketch'
+    _png(str(root / syn[0] / 'a.png'), 1)
+    _png(str(root / syn[1] / 'b.png'), 2)
+    fp = build_parts('imagenet-sketch', str(root))[0].fingerprint
+    assert build_parts('imagenet-sketch', str(root))[0].fingerprint == fp  # same files, same fingerprint
+    _png(str(root / syn[1] / 'c.png'), 3)
+    fp2 = build_parts('imagenet-sketch', str(root))[0].fingerprint
+    assert fp2 != fp
+    os.utime(root / syn[1] / 'c.png', ns=(1, 1))  # same names and sizes, another mtime
+    assert build_parts('imagenet-sketch', str(root))[0].fingerprint not in (fp, fp2)
+    a = build_parts('digits-c', corruptions=['contrast'], digits_size=16, seed=1)
+    b = build_parts('digits-c', corruptions=['contrast'], digits_size=16, seed=2)
+    assert a[0].fingerprint == b[0].fingerprint and a[1].fingerprint != b[1].fingerprint  # clean vs corrupted
+
+
+def test_imagenet_c_center_crop_protocol(tmp_path):
+    """ImageNet-C's images are fed center-cropped, without the resize of the model's eval transform."""
+    syn = imagenet_synsets()
+    path = tmp_path / 'imagenet-c'
+    # 20-px image: 16-px center of value 90 inside a 2-px border of 250
+    _png(str(path / 'fog' / '1' / syn[4] / 'x.png'), 90, size=20, border=250)
+    crop, = build_parts('imagenet-c', str(path))
+    resize, = build_parts('imagenet-c', str(path), imagenet_c_protocol='resize')
+    assert crop.center_crop_only and crop.protocol == 'center-crop' and resize.protocol == 'resize'
+    model = ValueModel()
+    model.set(90, {4: 1.0})
+    summary, _, _ = _evaluate(model, crop)
+    assert summary['imagenet-c/fog/1']['top1'] == pytest.approx(100.0)  # the model saw exactly the center
+    summary, _, _ = _evaluate(model, resize)
+    assert summary['imagenet-c/fog/1']['top1'] == pytest.approx(0.0)  # resizing 20 -> 16 keeps the border
+    with pytest.raises(ValueError, match='center-crop, resize'):
+        build_parts('imagenet-c', str(path), imagenet_c_protocol='squash')
