@@ -10,7 +10,10 @@ Epoch semantics (``create_reinforced_loader``):
   start of the epoch order (those few images are seen twice, with a different stored augmentation). Rank and worker
   boundaries may fall inside a shard: the shard is then read by both (the second skips the first part) so no image is
   lost or duplicated; each shard is otherwise streamed once, sequentially.
-* Samples pass a seeded shuffle buffer (``shuffle_buffer``; seeded from (seed, epoch, rank, worker)).
+* Each worker reads ``mix_shards`` of its shard pieces at once, drawing every next sample from one of them at random
+  (:func:`interleave_pieces`), and the samples pass a seeded shuffle buffer (``shuffle_buffer``); both are seeded from
+  (seed, epoch, rank, worker). reinforce.py writes the images in a seeded permutation of the dataset, so every shard
+  is already a random mix of classes (``benchmarks/batch_diversity.py``).
 * For each image, one stored augmentation is drawn uniformly by a counter-based generator keyed on
   (seed, epoch, pass, key) (:func:`sample_draws`; pass > 0 only for wrapped padding), as are the ``rd_p`` coin and,
   for samples that do not use their stored reinforcement, the seed of the global RNGs the fallback transform draws
@@ -24,7 +27,9 @@ Epoch semantics (``create_reinforced_loader``):
   label.
 
 A shard that cannot be read (truncated, tampered header, undecodable record or image, missing member, fewer or more
-samples than ``reinforce.json`` lists) raises :class:`ReinforcedDataError` naming the shard URL and the key.
+samples than ``reinforce.json`` lists), a schema-2 sample whose checksum fails (a modified byte, label or class id; a
+shard copied over another) and a key seen twice in a worker's epoch raise :class:`ReinforcedDataError` naming the
+shard URL and the key.
 """
 import contextlib
 import hashlib
@@ -55,17 +60,23 @@ from .format import (
     LABEL_EXT,
     META_NAME,
     PROB_SUM_TOL,
+    READABLE_SCHEMA_VERSIONS,
     RECORDS_EXT,
-    SCHEMA_VERSION,
+    SAMPLE_INFO_EXT,
     check_records,
     decode_records,
     densify,
+    dtype_from_descr,
     load_meta,
+    parse_sample_info,
+    sample_checksum,
 )
+from .verify import incomplete_run, meta_problems
 
 _logger = logging.getLogger(__name__)
 
 Urls = Union[str, Sequence[str]]
+DEFAULT_MIX_SHARDS = 4  # shard pieces a worker reads at once
 
 
 class ReinforcedDataError(ValueError):
@@ -138,6 +149,7 @@ def resolve_reinforced(urls: Urls, where_flag: str = '--reinforced') -> Tuple[Li
             meta_source = meta_source or directory
         else:
             expanded = expand_urls(part)
+            _check_local_parts(expanded, where_flag)
             shard_urls.extend(expanded)
             meta_source = meta_source or expanded[0]
     if meta is None:
@@ -157,7 +169,25 @@ def resolve_reinforced(urls: Urls, where_flag: str = '--reinforced') -> Tuple[Li
     return sorted(seen.values(), key=_shard_basename), meta
 
 
+def _check_local_parts(paths: Sequence[str], where_flag: str) -> None:
+    """A local shard path (or its folder) that does not exist is named as such, not as a missing reinforce.json."""
+    for url in paths:
+        local = _local_path(url)
+        if local is None or os.path.exists(local):
+            continue
+        folder = os.path.dirname(local) or '.'
+        if not local.endswith('.tar'):
+            raise ValueError(f'{where_flag}: {local} does not exist (expected a reinforce.py output folder, its '
+                             f'{META_NAME} or .tar shards)')
+        if not os.path.isdir(folder):
+            raise ValueError(f'{where_flag}: folder {folder} of shard {local} does not exist')
+
+
 def _load_meta(source: str, where_flag: str) -> Dict[str, Any]:
+    local = _local_path(source)
+    message = incomplete_run(local) if local is not None else None
+    if message:
+        raise ValueError(f'{where_flag}: {message}')
     try:
         return load_meta(source)
     except (FileNotFoundError, ValueError) as e:
@@ -204,9 +234,13 @@ def check_reinforced(
     """
     shard_urls, meta = resolve_reinforced(urls, where_flag)
     meta_path = meta.get('_path', META_NAME)
-    if meta.get('schema_version') != SCHEMA_VERSION:  # load_meta checks too; kept for metadata passed around
+    if meta.get('schema_version') not in READABLE_SCHEMA_VERSIONS:  # load_meta checks too (metadata passed around)
         raise ValueError(f'{where_flag}: {meta_path}: unsupported schema_version {meta.get("schema_version")!r} '
-                         f'(this code reads {SCHEMA_VERSION})')
+                         f'(this code reads {", ".join(map(str, READABLE_SCHEMA_VERSIONS))})')
+    problems = meta_problems(meta)
+    if problems:
+        raise ValueError(f'{where_flag}: ' + '; '.join(problems[:3]) + ' (edited after writing? '
+                         '`reinforce.py --verify` lists every problem)')
     meta_classes = int(meta['num_classes'])
     if num_classes is not None and int(num_classes) != meta_classes:
         raise ValueError(f'{where_flag}: {meta_path} has num_classes={meta_classes} but the model is built with '
@@ -385,6 +419,8 @@ class SampleDecoder:
         self.num_classes = int(meta['num_classes'])
         self.num_samples = int(meta['num_samples'])
         self.topk = int(meta['topk'])
+        self.checksums = int(meta.get('schema_version', 1)) >= 2
+        self.dtype = dtype_from_descr(meta['record_dtype']) if meta.get('record_dtype') else None
         aug = meta['augmentation']
         self.needs_ra = aug.get('name') == 'rrc+ra_re'
         self.num_ops = len(aug.get('ra_ops', ())) if self.needs_ra else 0
@@ -415,6 +451,9 @@ class SampleDecoder:
         if records.shape[0] != self.num_samples:
             raise ValueError(f'{records.shape[0]} stored augmentations, reinforce.json says '
                              f'num_samples={self.num_samples}')
+        if self.dtype is not None and records.dtype != self.dtype:
+            raise ValueError(f'records have dtype {records.dtype.descr}, reinforce.json says record_dtype '
+                             f'{self.dtype.descr}')
         offset = _npy_header_length(data)
         if (offset is not None and not records.dtype.hasobject and len(data) == offset + records.nbytes
                 and records.flags.c_contiguous and data[offset:] == records.tobytes()):
@@ -437,6 +476,8 @@ class SampleDecoder:
                 raise ValueError(f'bad label {sample[LABEL_EXT][:20]!r}') from e
             if not 0 <= label < self.num_classes:
                 raise ValueError(f'label {label} outside 0..{self.num_classes - 1}')
+            if self.checksums:
+                self.check_sum(sample)
             records = self.records(sample[RECORDS_EXT], sample)
             try:
                 img = _open_image(sample[image_exts[0]], image_exts[0])
@@ -448,6 +489,19 @@ class SampleDecoder:
             raise self.error(sample, e) from e
         return img, label, records
 
+    def check_sum(self, sample: Dict[str, Any]) -> None:
+        """A schema-2 sample's checksum (``format.sample_checksum``): bound to the shard's name and the sample's
+        position, so a modified byte, label or id, and a shard copied over another, all fail it."""
+        raw = sample.get(SAMPLE_INFO_EXT)
+        if raw is None:
+            raise ValueError(f'missing member {SAMPLE_INFO_EXT} (the per-sample checksum of schema 2)')
+        index, expected = parse_sample_info(raw)
+        shard = _shard_basename(str(sample.get('__url__')))
+        position = sample.get('__index__', 0)
+        if sample_checksum(shard, position, sample['__key__'], index, sample) != expected:
+            raise ValueError(f'sample {position} of the shard does not match its checksum (modified shard, or a '
+                             f'shard copied over another; `reinforce.py --verify` checks all shards)')
+
     def check_record(self, record: np.void, img: Image.Image, sample: Dict[str, Any], index: int) -> None:
         """Values of the stored augmentation a sample uses: class ids, probabilities, crop box, op indices."""
         ids = record['ids'].tolist()
@@ -458,6 +512,10 @@ class SampleDecoder:
             problem = f'class id {max(ids)} >= num_classes={self.num_classes}'
         elif not all(0.0 <= p <= 1.0 for p in probs) or sum(probs) > 1.0 + PROB_SUM_TOL:  # NaN fails both
             problem = f'invalid probabilities {probs}'
+        elif any(a < b for a, b in zip(probs, probs[1:])):
+            problem = f'probabilities {probs} not sorted descending'
+        elif len(set(ids)) != len(ids):
+            problem = f'repeated class ids {ids}'
         elif w < 1 or h < 1 or x + w > img.width or y + h > img.height:
             problem = (f'stored crop box {[x, y, w, h]} does not fit the image of size {img.width}x{img.height} '
                        f'(images re-encoded or resized after reinforcement?)')
@@ -548,6 +606,65 @@ def worker_pieces(
     return pieces
 
 
+Piece = Tuple[str, int, int, int, int]  # (url, start, stop, count, pass) of a shard, see worker_pieces
+
+
+def interleave_pieces(pieces: Sequence[Piece], open_piece: Callable[[Piece], Iterator[Any]], width: int,
+                      rng: random.Random) -> Iterator[Any]:
+    """The samples of ``pieces`` read ``width`` at a time: each next sample comes from one of the open pieces, drawn
+    with probability proportional to its samples left (so the open pieces run out together); when one is done (and
+    its reader has checked the shard's end), the next piece opens. Each piece keeps its own order.
+
+    Args:
+        pieces: a worker's shard pieces in reading order (:func:`worker_pieces`).
+        open_piece: piece -> iterator over exactly its ``stop - start`` samples.
+        width: pieces open at once (<= 1: one after the other).
+        rng: the generator of the draws.
+    """
+    pending = iter(pieces)
+    open_: List[List[Any]] = []  # [iterator, samples left]
+
+    def refill() -> None:
+        while len(open_) < max(1, width):
+            piece = next(pending, None)
+            if piece is None:
+                return
+            if piece[2] > piece[1]:
+                open_.append([open_piece(piece), piece[2] - piece[1]])
+
+    refill()
+    while open_:
+        u = rng.randrange(sum(left for _, left in open_))
+        j = 0
+        while u >= open_[j][1]:
+            u -= open_[j][1]
+            j += 1
+        entry = open_[j]
+        yield next(entry[0])
+        entry[1] -= 1
+        if entry[1] == 0:
+            for _ in entry[0]:  # let the reader finish (its end-of-shard checks), then close it
+                pass
+            open_.pop(j)
+            refill()
+
+
+def replay_interpolation(interpolation: Optional[str], meta: Dict[str, Any]) -> str:
+    """The resize interpolation of the student's replays: ``interpolation`` when given, else the one the teacher
+    saw (the interpolation every ensemble member shares in ``reinforce.json``), else (members disagree, or none
+    recorded) the augmentation spec's ``interpolation``."""
+    if interpolation not in (None, '', 'random'):
+        return str(interpolation)
+    members = {t.get('interpolation') for t in meta.get('teachers') or [] if isinstance(t, dict)}
+    if len(members) == 1 and None not in members:
+        return str(members.pop())
+    spec_interpolation = str(meta['augmentation'].get('interpolation', 'bilinear'))
+    if members:
+        _logger.info(f'Reinforced data: the teacher members resized with {sorted(map(str, members))}; the student '
+                     f'replays with the augmentation\'s {spec_interpolation!r}')
+    return spec_interpolation
+
+
 @contextlib.contextmanager
 def _seeded_global_rngs(seed: int) -> Iterator[None]:
     """Seed python's, numpy's and torch's CPU global RNGs (what timm transforms draw from); restore them afterwards,
@@ -592,18 +709,19 @@ class ReinforcedShards(torch.utils.data.IterableDataset):
             world_size: int,
             num_workers: int,
             shuffle_buffer: int,
+            mix_shards: int = DEFAULT_MIX_SHARDS,
             where_flag: str = '--reinforced',
     ):
         super().__init__()
         self.shards = list(shards)
         self.meta = {k: v for k, v in meta.items() if k in ('num_classes', 'topk', 'num_samples', 'augmentation',
-                                                            '_path', 'schema_version')}
+                                                            '_path', 'schema_version', 'record_dtype')}
         self.spec = AugmentSpec.from_dict(meta['augmentation'])
         self.batch_size = int(batch_size)
         self.input_size = tuple(int(v) for v in input_size)
         self.mean = tuple(float(v) for v in mean)
         self.std = tuple(float(v) for v in std)
-        self.interpolation = None if interpolation in (None, '', 'random') else interpolation
+        self.interpolation = replay_interpolation(interpolation, meta)
         self.rd_p = float(rd_p)
         self.rd_densify = rd_densify
         self.fallback_transform = fallback_transform
@@ -613,8 +731,11 @@ class ReinforcedShards(torch.utils.data.IterableDataset):
         self.world_size = int(world_size)
         self.num_workers = max(1, int(num_workers))
         self.shuffle_buffer = int(shuffle_buffer)
+        self.mix_shards = int(mix_shards)
         self.where_flag = where_flag
         self.tar_members: Callable = tar_members  # the tar reader (benchmarks/loader_throughput.py swaps it)
+        self.integrity_checks = True  # schema-2 checksums and duplicate keys (off: only to measure their cost)
+        self._seen: Dict[Tuple[str, int], Optional[str]] = {}  # keys of this worker's epoch
         self.num_images = sum(c for _, c in self.shards)
         self._epoch = mp.Value('i', 0)  # shared with (persistent) workers, as timm's SharedCount
         self._decoder = SampleDecoder(self.meta, where_flag)
@@ -640,15 +761,43 @@ class ReinforcedShards(torch.utils.data.IterableDataset):
                                f'{info.num_workers}')
         return info.id
 
-    def _read(self, pieces: Iterator[Tuple[str, int, int, int, int]]) -> Iterator[Dict[str, Any]]:
-        for url, start, stop, count, pass_index in pieces:
-            for sample in _ShardReader(url, self.where_flag, self.tar_members).samples(start, stop, count):
-                sample['__pass__'] = pass_index
-                yield sample
+    def _open_piece(self, piece: Piece) -> Iterator[Dict[str, Any]]:
+        url, start, stop, count, pass_index = piece
+        for sample in _ShardReader(url, self.where_flag, self.tar_members).samples(start, stop, count):
+            sample['__pass__'] = pass_index
+            yield sample
+
+    def _check_unique(self, sample: Dict[str, Any]) -> None:
+        """Stop at a key seen before in this worker's epoch (a shard copied over another, schema 1 included)."""
+        key = (sample['__key__'], sample['__pass__'])
+        if key in self._seen:
+            raise ReinforcedDataError(
+                f'{self._decoder.where(sample)}: key seen twice in this epoch (also in shard {self._seen[key]}): a '
+                f'shard copied over another? `reinforce.py --verify` checks all shards')
+        self._seen[key] = sample.get('__url__')
+
+    def sample_stream(self, epoch: int, worker: int,
+                      open_piece: Optional[Callable[[Piece], Iterator[Dict[str, Any]]]] = None) -> Iterator[Any]:
+        """One worker's samples of ``epoch`` in the order they are batched: its pieces (:func:`worker_pieces`) read
+        ``mix_shards`` at a time (:func:`interleave_pieces`), then the seeded shuffle buffer. ``open_piece`` replaces
+        the shard reader (``benchmarks/batch_diversity.py`` simulates shards with it)."""
+        pieces = worker_pieces(self.shards, self.seed, epoch, self.rank, self.world_size, worker, self.num_workers,
+                               self.batch_size)
+        mix_rng = random.Random(derive_seed(self.seed, epoch, self.rank, worker, 0x4D49))
+        samples = interleave_pieces(pieces, open_piece or self._open_piece, self.mix_shards, mix_rng)
+        self._decoder.checksums = self.integrity_checks and int(self.meta.get('schema_version', 1)) >= 2
+        self._seen = {}
+        stages: List[Any] = [lambda: samples]
+        if self.shuffle_buffer > 1:
+            rng = random.Random(derive_seed(self.seed, epoch, self.rank, worker, 0x5B))
+            stages.append(wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, rng=rng))
+        return iter(wds.DataPipeline(*stages))
 
     def _process(self, sample: Dict[str, Any]) -> Tuple[Any, ...]:
         """One sample: ('rd', uint8 HxWx3 replay, label, ids, probs, erase box) or ('fb', tensor, label)."""
-        img, label, records = self._decoder(sample)
+        img, label, records = self._decoder(sample)  # verifies the schema-2 checksum first
+        if self.integrity_checks:
+            self._check_unique(sample)
         u, index, fallback_seed = sample_draws(self.seed, self.epoch, sample['__pass__'], sample['__key__'],
                                                len(records))
         _, h, w = self.input_size
@@ -706,15 +855,9 @@ class ReinforcedShards(torch.utils.data.IterableDataset):
         return x, target, labels
 
     def __iter__(self) -> Iterator[Tuple[torch.Tensor, ...]]:
-        epoch, worker = self.epoch, self._worker()
-        pieces = worker_pieces(self.shards, self.seed, epoch, self.rank, self.world_size, worker, self.num_workers,
-                               self.batch_size)
-        stages: List[Any] = [lambda: iter(pieces), self._read]
-        if self.shuffle_buffer > 1:
-            rng = random.Random(derive_seed(self.seed, epoch, self.rank, worker, 0x5B))
-            stages.append(wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, rng=rng))
-        stages += [wds.map(self._process), wds.batched(self.batch_size, collation_fn=self._collate, partial=True)]
-        return iter(wds.DataPipeline(*stages))
+        samples = self.sample_stream(self.epoch, self._worker())
+        return iter(wds.DataPipeline(lambda: samples, wds.map(self._process),
+                                     wds.batched(self.batch_size, collation_fn=self._collate, partial=True)))
 
 
 class ReinforcedLoader:
@@ -786,6 +929,7 @@ def create_reinforced_loader(
         rank: int = 0,
         world_size: int = 1,
         shuffle_buffer: int = 1000,
+        mix_shards: int = DEFAULT_MIX_SHARDS,
         device: Union[str, torch.device] = 'cpu',
         pin_memory: bool = False,
         where_flag: str = '--reinforced',
@@ -800,7 +944,8 @@ def create_reinforced_loader(
         input_size: student (C, H, W).
         mean: student normalisation mean.
         std: student normalisation std.
-        interpolation: resize interpolation for the replay (None/'random': the one stored in reinforce.json).
+        interpolation: resize interpolation of the replays (None/'random': the one the teacher saw, see
+            :func:`replay_interpolation`).
         rd_p: probability a sample uses its stored reinforcement; otherwise ``fallback_transform`` + one-hot target.
         rd_densify: ``smooth`` or ``renorm`` (``dr.reinforce.format.densify``).
         fallback_transform: timm train transform (PIL -> normalised tensor), required when ``rd_p < 1``.
@@ -809,6 +954,7 @@ def create_reinforced_loader(
         rank: this process's rank.
         world_size: number of processes.
         shuffle_buffer: samples in the shuffle buffer of each worker (<= 1: no sample shuffling).
+        mix_shards: shard pieces each worker reads at once, interleaved at random (<= 1: one after the other).
         device: where batches are moved.
         pin_memory: pin host batches (and copy with ``non_blocking``) when ``device`` is CUDA.
         where_flag: the flag named in errors.
@@ -833,7 +979,8 @@ def create_reinforced_loader(
         shards, meta, batch_size=batch_size, input_size=input_size, mean=mean, std=std, interpolation=interpolation,
         rd_p=rd_p, rd_densify=rd_densify, fallback_transform=fallback_transform,
         num_classes=int(num_classes if num_classes is not None else meta['num_classes']), seed=seed, rank=rank,
-        world_size=world_size, num_workers=num_workers, shuffle_buffer=shuffle_buffer, where_flag=where_flag)
+        world_size=world_size, num_workers=num_workers, shuffle_buffer=shuffle_buffer, mix_shards=mix_shards,
+        where_flag=where_flag)
     n = dataset.num_images
     padded = world_size * len(dataset) * batch_size
     _logger.info(f'Reinforced data: {n} images in {len(shards)} shards, {len(dataset)} batches of {batch_size} per '
