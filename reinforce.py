@@ -53,7 +53,8 @@ def create_parser() -> Tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     group.add_argument('--pretrained', action='store_true', default=False,
                        help='hub weights for teachers given without a checkpoint')
     group.add_argument('--teacher-img-size', type=int, default=None, metavar='N',
-                       help="override every member's input resolution (default: each member's pretrained cfg)")
+                       help="override every member's input resolution (default: each member's pretrained cfg); "
+                            "--verify with --teacher needs the value the shards were written with")
     group.add_argument('--amp', action='store_true', default=False, help='run the teacher under autocast')
     group.add_argument('--amp-dtype', default='bfloat16', choices=('bfloat16', 'float16'),
                        help='autocast dtype (default: bfloat16)')

@@ -25,7 +25,9 @@ ratio is also given as the median of the per-round ratios (with ``-j 0`` also of
 which other jobs on the machine disturb less).
 
 ``--compare-checks`` times the reinforced loader with its tamper checks (schema-2 per-sample checksums, duplicate-key
-detection) against the same loader with them switched off, the same way.
+detection) against the same loader with them switched off reading the same images and records written in the
+version-1 layout (no checksum members), the same way: the whole cost, reading the extra member included. It also
+times the checks alone on the shards' samples (robust to the machine's load).
 
 Examples::
 
@@ -241,8 +243,9 @@ def write_image_folder(images: BenchImages, root: str) -> str:
 
 
 def write_fake_shards(images: BenchImages, out_dir: str, num_samples: int, topk: int, shard_size: int,
-                      seed: int) -> str:
-    """Shards in the reinforce.py format with real augmentation parameters and random teacher top-k records."""
+                      seed: int, schema: int = SCHEMA_VERSION) -> str:
+    """Shards in the reinforce.py format with real augmentation parameters and random teacher top-k records
+    (``schema=1``: the version-1 layout, without the per-sample checksum members)."""
     os.makedirs(out_dir, exist_ok=True)
     spec = create_augment_spec('rrc+ra_re')
     num_classes = len(images.classes)
@@ -266,11 +269,11 @@ def write_fake_shards(images: BenchImages, out_dir: str, num_samples: int, topk:
                             'records': encode_records(rec), 'index': i})
         path = os.path.join(out_dir, shard_name(s))
         with atomic_write(path) as f:
-            f.write(build_shard(samples, shard=shard_name(s)))  # with the per-sample checksums of schema 2
+            f.write(build_shard(samples, shard=shard_name(s) if schema >= 2 else None))
         shards.append({'name': shard_name(s), 'count': len(samples), 'sha256': sha256_file(path),
                        'bytes': os.path.getsize(path), 'image_bytes': image_bytes})
     meta = {
-        'schema_version': SCHEMA_VERSION,
+        'schema_version': schema,
         'teachers': [{'name': 'fake', 'weights': 'random top-k (benchmark)', 'mean': list(MEAN), 'std': list(STD),
                       'input_size': [3, images.size, images.size], 'interpolation': 'bilinear'}],
         'augmentation': spec.to_dict(), 'topk': topk, 'num_samples': num_samples, 'num_classes': num_classes,
@@ -393,8 +396,12 @@ def main(argv: List[str] = None) -> Dict[str, Any]:
                f'batch {args.batch_size}, workers {args.workers}, stored augmentations {meta["num_samples"]} x '
                f'top-{meta["topk"]}')
     if args.compare_checks:
+        # baseline: the same images and records in the version-1 layout (no checksum members), checks off
+        v1_dir = write_fake_shards(images, os.path.join(work, 'shards_v1'), args.num_samples, args.topk,
+                                   args.shard_size, args.seed, schema=1)
+        v1_meta = check_reinforced(v1_dir, num_classes)
         baseline, candidate, target = 'unchecked', 'checked', '>= 0.98 (the checks cost <= 2%)'
-        loaders = {baseline: build_rd_loader(rd_dir, meta, num_classes, args, integrity_checks=False),
+        loaders = {baseline: build_rd_loader(v1_dir, v1_meta, num_classes, args, integrity_checks=False),
                    candidate: build_rd_loader(rd_dir, meta, num_classes, args)}
         loaders = {k: (v, v.set_epoch) for k, v in loaders.items()}
     elif args.compare_tar_readers:

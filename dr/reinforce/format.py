@@ -10,11 +10,12 @@ Each tar sample is consecutive members sharing a key (the WebDataset convention)
   ``crop`` (x, y, w, h in original-image pixels), ``flags`` (bit 0 hflip, bit 1 random erasing, bits 2-3 sign of
   RandAugment op 1/2), and for ``rrc+ra_re`` also ``ra_ops`` (indices into the op-name table) and ``re_box``
   (top, left, h, w of the erased box in 1/255 of the output size);
-* ``<key>.rd.json`` (schema 2): ``{"index": <source dataset index>, "xxh3": "<16 hex digits>"}``, the checksum of the
-  sample's other members bound to its shard name and position (:func:`sample_checksum`).
 
-Schema 2 shards hold the images in a seeded permutation of the dataset order (``reinforce.json`` ``image_order``,
-:func:`image_order`); schema 1 shards hold them in dataset order and have no ``rd.json`` member.
+Schema 2 shards start with one more member, ``__rd__/checksums.npy`` (WebDataset's readers skip ``__*__/`` names): a
+``.npy`` structured array with, per sample in shard order, its ``index`` in the source dataset and its ``xxh3``
+checksum (:func:`sample_checksum`, bound to the shard's name and the sample's position). They hold the images in a
+seeded permutation of the dataset order (``reinforce.json`` ``image_order``, :func:`image_order`). Schema 1 shards
+hold them in dataset order and have no checksum table.
 
 Nothing here unpickles: records load with ``np.load(..., allow_pickle=False)``.
 """
@@ -24,7 +25,7 @@ import logging
 import os
 import re
 import tarfile
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -36,8 +37,8 @@ SCHEMA_VERSION = 2
 READABLE_SCHEMA_VERSIONS = (1, 2)  # version 1: no per-sample checksums, images in dataset order
 META_NAME = 'reinforce.json'
 RECORDS_EXT = 'rd.npy'
-SAMPLE_INFO_EXT = 'rd.json'  # schema 2: per-sample source index and checksum
-SAMPLE_CHECKSUM = 'xxh3'  # the checksum's key in rd.json (format.sample_checksum)
+CHECKSUMS_MEMBER = '__rd__/checksums.npy'  # schema 2: first member of a shard, per sample (index, xxh3)
+CHECKSUMS_DTYPE = np.dtype([('index', '<u8'), ('xxh3', '<u8')])
 IMAGE_ORDER_TAG = 0x4F524452  # mixed into the seed of the image permutation (b'ORDR')
 LABEL_EXT = 'cls'
 IMAGE_EXTS = ('jpg', 'jpeg', 'png', 'webp', 'ppm', 'pgm', 'pbm', 'pnm', 'bmp', 'gif', 'tif', 'tiff')
@@ -270,7 +271,7 @@ def image_order(num_images: int, seed: int) -> np.ndarray:
 
     ``argsort`` of the raw 64-bit output of ``PCG64(SeedSequence([seed, IMAGE_ORDER_TAG]))``: numpy keeps bit generator
     streams stable across versions (unlike ``Generator.permutation``), so a resumed run places every image where the
-    first run did. Each schema-2 sample also stores its dataset index in its ``rd.json`` member.
+    first run did. Each schema-2 shard also stores its samples' dataset indices (``CHECKSUMS_MEMBER``).
     """
     bits = np.random.PCG64(np.random.SeedSequence([int(seed), IMAGE_ORDER_TAG])).random_raw(int(num_images))
     return np.argsort(bits, kind='stable').astype(np.int64)
@@ -288,9 +289,9 @@ def meta_image_order(meta: Dict[str, Any]) -> np.ndarray:
     raise ValueError(f'{meta.get("_path", META_NAME)}: unknown image_order {order!r}')
 
 
-def sample_checksum(shard: str, position: int, key: str, index: int, members: Dict[str, bytes]) -> str:
-    """XXH3-64 (16 hex digits) of a sample's members bound to its place: ``shard`` (file name), ``position`` in the
-    shard, key and dataset index, then every member except ``rd.json`` in sorted order of its lower-cased extension as
+def sample_checksum(shard: str, position: int, key: str, index: int, members: Dict[str, bytes]) -> int:
+    """XXH3-64 (as an unsigned int) of a sample's members bound to its place: ``shard`` (file name), ``position`` in
+    the shard, key and dataset index, then every member in sorted order of its lower-cased extension as
     ``ext NUL len NUL data``. A flipped byte, a label or id edit, or a sample (or a whole shard) copied elsewhere
     changes it. Entries of ``members`` whose name starts with ``__`` (WebDataset's ``__key__``, ...) are ignored.
 
@@ -298,42 +299,34 @@ def sample_checksum(shard: str, position: int, key: str, index: int, members: Di
     costs the training loader ~1 us instead of ~13 us."""
     h = xxhash.xxh3_64(f'{shard}\0{int(position)}\0{key}\0{int(index)}\0'.encode())
     for name in sorted(members, key=str.lower):
-        ext = name.lower()
-        if ext[:2] == '__' or ext == SAMPLE_INFO_EXT:
+        if name[:2] == '__':
             continue
         data = members[name]
-        h.update(b'%s\0%d\0' % (ext.encode(), len(data)))
+        h.update(b'%s\0%d\0' % (name.lower().encode(), len(data)))
         h.update(data)
-    return h.hexdigest()
+    return h.intdigest()
 
 
-def sample_info(shard: str, position: int, key: str, index: int, members: Dict[str, bytes]) -> bytes:
-    """The ``rd.json`` member of a schema-2 sample: ``{"index": ..., "xxh3": ...}`` (compact JSON)."""
-    crc = sample_checksum(shard, position, key, index, members)
-    return json.dumps({'index': int(index), SAMPLE_CHECKSUM: crc}, separators=(',', ':')).encode()
+def encode_checksums(table: np.ndarray) -> bytes:
+    """The ``CHECKSUMS_MEMBER`` bytes: a ``.npy`` of ``CHECKSUMS_DTYPE`` rows (``allow_pickle=False``)."""
+    buf = io.BytesIO()
+    np.save(buf, np.ascontiguousarray(table, dtype=CHECKSUMS_DTYPE), allow_pickle=False)
+    return buf.getvalue()
 
 
-_SAMPLE_INFO_RE = re.compile(rb'^\{"index":(\d+),"xxh3":"([0-9a-f]{16})"\}$')
-
-
-def parse_sample_info(data: bytes) -> Tuple[int, str]:
-    """(dataset index, checksum hex) of an ``rd.json`` member (the compact form ``sample_info`` writes is parsed
-    without the JSON module).
+def decode_checksums(data: bytes, where: str) -> np.ndarray:
+    """Parse a shard's checksum table (no pickle).
 
     Raises:
-        ValueError: not an object with an integer ``index`` and a string ``xxh3``.
+        ValueError: naming ``where`` when it is not a 1-D array of ``CHECKSUMS_DTYPE``.
     """
-    m = _SAMPLE_INFO_RE.match(data)
-    if m:
-        return int(m.group(1)), m.group(2).decode()
     try:
-        info = json.loads(data)
-        index, crc = info['index'], info[SAMPLE_CHECKSUM]
-    except (ValueError, KeyError, TypeError) as e:
-        raise ValueError(f'malformed {SAMPLE_INFO_EXT} member {bytes(data[:60])!r}') from e
-    if not isinstance(index, int) or isinstance(index, bool) or not isinstance(crc, str):
-        raise ValueError(f'malformed {SAMPLE_INFO_EXT} member {bytes(data[:60])!r}')
-    return index, crc
+        table = np.load(io.BytesIO(data), allow_pickle=False)
+    except Exception as e:
+        raise ValueError(f'{where}: undecodable checksum table {CHECKSUMS_MEMBER} ({type(e).__name__}: {e})') from e
+    if not isinstance(table, np.ndarray) or table.dtype != CHECKSUMS_DTYPE or table.ndim != 1:
+        raise ValueError(f'{where}: checksum table {CHECKSUMS_MEMBER} is not a 1-D array of {CHECKSUMS_DTYPE.descr}')
+    return table
 
 
 def list_shards(directory: str) -> List[str]:
@@ -363,21 +356,20 @@ def build_shard(samples: Sequence[Dict[str, Any]], shard: Optional[str] = None) 
     Args:
         samples: dicts with ``key``, ``image_ext``, ``image`` (bytes), ``label`` (int), ``records`` (npy bytes) and,
             with ``shard``, ``index`` (the dataset index).
-        shard: the shard's file name: adds each sample's ``rd.json`` member (schema 2); None writes schema-1 samples.
+        shard: the shard's file name: the shard starts with the checksum table (schema 2); None writes schema 1.
     """
+    members = [{s['image_ext']: s['image'], LABEL_EXT: str(int(s['label'])).encode('ascii'),
+                RECORDS_EXT: s['records']} for s in samples]
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode='w', format=tarfile.USTAR_FORMAT) as tar:
-        for position, s in enumerate(samples):
-            key = s['key']
-            members = {
-                s['image_ext']: s['image'],
-                LABEL_EXT: str(int(s['label'])).encode('ascii'),
-                RECORDS_EXT: s['records'],
-            }
-            if shard is not None:
-                members[SAMPLE_INFO_EXT] = sample_info(shard, position, key, s['index'], members)
-            for ext, data in members.items():
-                tar.addfile(_tarinfo(f'{key}.{ext}', len(data)), io.BytesIO(data))
+        if shard is not None:
+            table = np.array([(int(s['index']), sample_checksum(shard, p, s['key'], s['index'], m))
+                              for p, (s, m) in enumerate(zip(samples, members))], dtype=CHECKSUMS_DTYPE)
+            data = encode_checksums(table)
+            tar.addfile(_tarinfo(CHECKSUMS_MEMBER, len(data)), io.BytesIO(data))
+        for s, m in zip(samples, members):
+            for ext, data in m.items():
+                tar.addfile(_tarinfo(f'{s["key"]}.{ext}', len(data)), io.BytesIO(data))
     return buf.getvalue()
 
 
@@ -393,7 +385,8 @@ def iter_shard(fileobj_or_path: Union[str, io.IOBase], where: str) -> Iterator[D
     """Iterate the samples of a shard with ``tarfile`` (no decoding of images or records).
 
     Yields dicts with ``key``, ``image_ext``, ``image``, ``label`` (int), ``records`` (bytes), ``members`` (ext ->
-    raw bytes, every member) and ``info`` (the parsed ``rd.json`` member of schema 2, else None).
+    raw bytes, every member) and ``info``: ``{'index', 'xxh3'}`` from the shard's checksum table (schema 2; None
+    without one, or for samples beyond it).
 
     Raises:
         ValueError: naming ``where`` for a truncated/garbled tar or an incomplete sample.
@@ -414,6 +407,8 @@ def iter_shard(fileobj_or_path: Union[str, io.IOBase], where: str) -> Iterator[D
     except (tarfile.TarError, OSError, EOFError) as e:
         raise ValueError(f'{where}: not a readable tar ({e})') from e
     current: Optional[Dict[str, Any]] = None
+    table: Optional[np.ndarray] = None
+    position = 0
     try:
         with tar:
             while True:
@@ -430,18 +425,19 @@ def iter_shard(fileobj_or_path: Union[str, io.IOBase], where: str) -> Iterator[D
                 data = f.read() if f is not None else b''
                 if len(data) != info.size:
                     raise ValueError(f'{where} key {key}: truncated member {info.name}')
+                if info.name == CHECKSUMS_MEMBER:
+                    table = decode_checksums(data, where)
+                    continue
                 if current is None or current['key'] != key:
                     done = finish(current)
                     if done is not None:
                         yield done
-                    current = {'key': key, 'members': {}, 'info': None}
+                    row = table[position] if table is not None and position < len(table) else None
+                    current = {'key': key, 'members': {}, 'position': position,
+                               'info': None if row is None else {'index': int(row['index']), 'xxh3': int(row['xxh3'])}}
+                    position += 1
                 current['members'][ext] = data
-                if ext == SAMPLE_INFO_EXT:
-                    try:
-                        current['info'] = json.loads(data.decode('utf-8'))
-                    except (UnicodeDecodeError, ValueError) as e:
-                        raise ValueError(f'{where} key {key}: unreadable {SAMPLE_INFO_EXT} member ({e})') from e
-                elif ext == LABEL_EXT:
+                if ext == LABEL_EXT:
                     try:
                         current['label'] = int(data.decode('ascii').strip())
                     except ValueError as e:

@@ -15,10 +15,9 @@ import torch
 from ..io import atomic_write, sha256_file
 from .augment import decode_image, replay
 from .format import (
+    CHECKSUMS_MEMBER,
     LABEL_EXT,
     META_NAME,
-    SAMPLE_CHECKSUM,
-    SAMPLE_INFO_EXT,
     SHARD_RE,
     check_records,
     decode_records,
@@ -182,10 +181,10 @@ class _ShardChecker:
 
     def _check_info(self, name: str, position: int, start: int, sample: Dict[str, Any], where: str) -> None:
         info = sample['info']
-        if not isinstance(info, dict) or not isinstance(info.get('index'), int) or SAMPLE_CHECKSUM not in info:
-            raise ValueError(f'{where}: missing or malformed {SAMPLE_INFO_EXT} member (schema 2)')
-        members = {k: v for k, v in sample['members'].items() if k != SAMPLE_INFO_EXT}
-        if sample_checksum(name, position, sample['key'], info['index'], members) != info[SAMPLE_CHECKSUM]:
+        if info is None:
+            raise ValueError(f'{where}: no checksum (the shard lacks its {CHECKSUMS_MEMBER} table, schema 2, or it '
+                             f'has fewer rows than samples)')
+        if sample_checksum(name, position, sample['key'], info['index'], sample['members']) != info['xxh3']:
             raise ValueError(f'{where} (sample {position}): checksum mismatch: the sample was modified or moved')
         if start + position < len(self.order) and int(self.order[start + position]) != info['index']:
             raise ValueError(f'{where}: dataset index {info["index"]} is not the one image_order places at '

@@ -12,6 +12,7 @@ from dr.reinforce.format import (
     SCHEMA_VERSION,
     build_shard,
     check_records,
+    decode_checksums,
     decode_records,
     densify,
     dtype_from_descr,
@@ -22,7 +23,6 @@ from dr.reinforce.format import (
     meta_image_order,
     record_dtype,
     sample_checksum,
-    sample_info,
     sanitize_key,
     shard_name,
     split_member_name,
@@ -188,9 +188,9 @@ def test_readme_example_reads_with_tarfile_and_numpy(tmp_path, monkeypatch):
             elif ext == 'rd.npy':
                 rec = np.load(io.BytesIO(data), allow_pickle=False)
                 seen.append((key, label, rec['ids'][0].tolist(), rec['probs'][0].tolist()))
-            elif ext == 'rd.json':
-                info = json.loads(data)                 # {'index': dataset index, 'xxh3': checksum}
-                indices.append(info['index'])
+            elif key == '__rd__/checksums':             # schema 2: per sample (dataset index, checksum)
+                table = np.load(io.BytesIO(data), allow_pickle=False)
+                indices = table['index'].tolist()
             else:
                 image_bytes = data  # the original encoded image, ext = jpg / png / ...
     # --- end ---
@@ -205,13 +205,15 @@ def test_sample_checksum_binds_content_shard_and_position(tmp_path):
     path = tmp_path / '000003.tar'
     path.write_bytes(data)
     with tarfile.open(path) as tar:
-        assert tar.getnames()[:4] == ['img_000.jpg', 'img_000.cls', 'img_000.rd.npy', 'img_000.rd.json']
+        assert tar.getnames()[:4] == ['__rd__/checksums.npy', 'img_000.jpg', 'img_000.cls', 'img_000.rd.npy']
+        table = decode_checksums(tar.extractfile('__rd__/checksums.npy').read(), 'x')
     got = list(iter_shard(str(path), 'shard 000003.tar'))
+    assert table['index'].tolist() == [100, 101, 102]
     for position, (g, x) in enumerate(zip(got, samples)):
         members = {x['image_ext']: x['image'], 'cls': str(x['label']).encode(), 'rd.npy': x['records']}
         crc = sample_checksum('000003.tar', position, x['key'], x['index'], members)
-        assert g['info'] == {'index': x['index'], 'xxh3': crc} and len(crc) == 16
-        assert g['members']['rd.json'] == sample_info('000003.tar', position, x['key'], x['index'], members)
+        assert g['info'] == {'index': x['index'], 'xxh3': crc} and crc == int(table['xxh3'][position])
+        assert g['members'] == members and 0 <= crc < 2 ** 64
         # anything else gives another checksum: shard, position, key, index, any byte of any member
         assert crc != sample_checksum('000004.tar', position, x['key'], x['index'], members)
         assert crc != sample_checksum('000003.tar', position + 1, x['key'], x['index'], members)

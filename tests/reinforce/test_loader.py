@@ -1,5 +1,6 @@
 """The reinforced training loader: epoch semantics, determinism, errors naming shard and key, the tar reader,
 and a student trained end to end on reinforce.py output."""
+import hashlib
 import io
 import json
 import os
@@ -18,7 +19,16 @@ import torch.nn as nn
 from PIL import Image
 
 from dr.reinforce.augment import AugmentSpec, apply_record, create_augment_spec, sample_records
-from dr.reinforce.format import SCHEMA_VERSION, densify, encode_records, record_dtype, sample_info
+from dr.reinforce.format import (
+    CHECKSUMS_DTYPE,
+    CHECKSUMS_MEMBER,
+    SCHEMA_VERSION,
+    densify,
+    encode_checksums,
+    encode_records,
+    record_dtype,
+    sample_checksum,
+)
 from dr.reinforce.loader import (
     ReinforcedDataError,
     check_reinforced,
@@ -73,7 +83,7 @@ def make_reinforced(
         schema: int = SCHEMA_VERSION,
 ) -> Dict[str, object]:
     """Shards ``000000.tar``... + reinforce.json. Image i has label i (unique) unless num_classes is smaller.
-    ``schema=1`` writes the version-1 layout (no per-sample ``rd.json`` checksum member)."""
+    ``schema=1`` writes the version-1 layout (no checksum table)."""
     os.makedirs(out_dir, exist_ok=True)
     num_images = int(sum(shard_sizes))
     num_classes = num_classes or num_images
@@ -85,24 +95,27 @@ def make_reinforced(
         name = f'{s:06d}.tar'
         path = os.path.join(out_dir, name)
         image_total = 0
+        samples = []
+        for position in range(size):
+            key = f'img{index:05d}'
+            fmt, ext = ('PNG', 'png') if index % 2 == 0 else ('JPEG', 'jpg')
+            img = _image_bytes(rng, img_size, fmt)
+            rec = _fake_records(rng, img_size + 2, img_size, spec, num_samples, topk, num_classes)
+            records_by_key[key] = (rec, img, index % num_classes)
+            image_total += len(img)
+            members = {ext: img, 'cls': str(index % num_classes).encode(), 'rd.npy': encode_records(rec)}
+            if drop_member and index in drop_member:  # a sample written without that member (consistent checksum)
+                del members[drop_member[index]]
+            samples.append((key, index, members, sample_checksum(name, position, key, index, members)))
+            index += 1
         with tarfile.open(path, 'w', format=tarfile.USTAR_FORMAT) as tar:
-            for _ in range(size):
-                key = f'img{index:05d}'
-                fmt, ext = ('PNG', 'png') if index % 2 == 0 else ('JPEG', 'jpg')
-                img = _image_bytes(rng, img_size, fmt)
-                rec = _fake_records(rng, img_size + 2, img_size, spec, num_samples, topk, num_classes)
-                records_by_key[key] = (rec, img, index % num_classes)
-                image_total += len(img)
-                members = {ext: img, 'cls': str(index % num_classes).encode(), 'rd.npy': encode_records(rec)}
-                if schema >= 2:
-                    members['rd.json'] = sample_info(name, index - sum(shard_sizes[:s]), key, index, members)
+            if schema >= 2:
+                table = np.array([(i, c) for _, i, _, c in samples], dtype=CHECKSUMS_DTYPE)
+                _add(tar, CHECKSUMS_MEMBER, encode_checksums(table))
+            for key, _, members, _ in samples:
                 for member, data in members.items():
-                    if drop_member and drop_member.get(index) == member:
-                        continue
                     _add(tar, f'{key}.{member}', data)
-                index += 1
         with open(path, 'rb') as f:
-            import hashlib
             digest = hashlib.sha256(f.read()).hexdigest()
         shards.append({'name': name, 'count': size, 'sha256': digest, 'bytes': os.path.getsize(path),
                        'image_bytes': image_total})
