@@ -18,6 +18,7 @@ from dr.reinforce.verify import verify_dir
 from tests.helpers import REPO
 from tests.reinforce.common import reinforce_args, shard_bytes, subprocess_env
 from tests.reinforce.test_loader import _epoch, _loader, make_reinforced
+from tests.reinforce.test_verify import _rewrite_shard
 
 pytestmark = pytest.mark.usefixtures('one_thread')
 
@@ -197,3 +198,15 @@ def test_shards_hold_a_random_class_mix(ref):
     assert first == order[:len(first)].tolist() and first != list(range(len(first)))
     labels = [x['label'] for x in iter_shard(os.path.join(ref, _shard_names(ref)[0]), 'x')]
     assert len(set(labels)) > 1 and np.array_equal(np.sort(order), np.arange(meta['num_images']))
+
+
+def test_schema_2_shard_without_its_checksum_table_is_refused(ref, tmp_path):
+    """A schema-2 shard rewritten without its checksum table (sizes and sha256 made consistent) cannot train."""
+    d = str(tmp_path / 'rd')
+    shutil.copytree(ref, d)
+    _rewrite_shard(d, '000001.tar', lambda rec: None, checksums=False)
+    meta = check_reinforced(d, 10)
+    with pytest.raises(ReinforcedDataError, match=r'shard \S*000001\.tar key \S+: no checksum for this sample: the '
+                                                  r'shard lacks its __rd__/checksums\.npy table'):
+        _epoch(_loader(d, meta, num_classes=10, input_size=(3, 16, 16), batch_size=4), 0)
+    assert {p['shard'] for p in verify_dir(d)['problems']} == {'000001.tar'}
