@@ -1,4 +1,5 @@
 """BAKE targets and loss: closed form vs iterated propagation, one-step form, diagonal, knowledge types."""
+import contextlib
 
 import pytest
 import torch
@@ -135,13 +136,16 @@ def test_single_sample_returns_p():
 def test_low_precision_inputs(dtype):
     # Half-precision features/logits (as an AMP forward returns them) give float32 targets equal to the float32
     # computation on the same (rounded) values.
+    # ... also when called inside the autocast region that produced them.
     feats, logits = _batch(n=16, seed=11)
     q32 = bake_targets(feats.to(dtype).float(), logits.to(dtype).float())
-    q = bake_targets(feats.to(dtype), logits.to(dtype))
-    assert q.dtype == torch.float32 and torch.isfinite(q).all()
-    torch.testing.assert_close(q, q32, atol=1e-6, rtol=0)
-    loss = bake_loss(logits.to(dtype), q, 4.0)
-    assert loss.dtype == torch.float32 and torch.isfinite(loss)
+    for ctx in (contextlib.nullcontext(), torch.autocast('cpu', dtype=dtype)):
+        with ctx:
+            q = bake_targets(feats.to(dtype), logits.to(dtype))
+            loss = bake_loss(logits.to(dtype), q, 4.0)
+        assert q.dtype == torch.float32 and torch.isfinite(q).all()
+        torch.testing.assert_close(q, q32, atol=1e-6, rtol=0)
+        assert loss.dtype == torch.float32 and torch.isfinite(loss)
 
 
 @pytest.mark.parametrize('one_step', [False, True])
