@@ -86,7 +86,8 @@ def create_parser() -> Tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     group.add_argument('--std', type=float, nargs='+', default=None, metavar='STD', help='dataset pixel std')
     group.add_argument('--interpolation', default='', type=str, metavar='NAME', help='resize interpolation')
     group.add_argument('-b', '--batch-size', type=int, default=128, metavar='N',
-                       help='images per batch per process, pals included under --bake (default: 128)')
+                       help='images per batch per process, class mates included under class-aware sampling '
+                            '(default: 128; see --batch-anchors)')
     group.add_argument('-vb', '--validation-batch-size', type=int, default=None, metavar='N',
                        help='validation batch size (default: --batch-size)')
     group.add_argument('--channels-last', action='store_true', default=False, help='use channels_last memory layout')
@@ -96,8 +97,9 @@ def create_parser() -> Tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
                        help='extra create_model kwargs, values parsed as YAML scalars')
     group.add_argument('--drop', type=float, default=0.0, metavar='PCT', help='dropout rate (default: 0.)')
     group.add_argument('--drop-path', type=float, default=None, metavar='PCT', help='drop path rate (default: None)')
-    group.add_argument('--sync-bn', action='store_true', default=False,
-                       help='synchronised BatchNorm across processes (CUDA only; recommended with --bake)')
+    group.add_argument('--sync-bn', action=argparse.BooleanOptionalAction, default=None,
+                       help='synchronised BatchNorm across processes (CUDA only); default: on under torchrun on CUDA '
+                            'with class-aware sampling and without --shuffle-bn (as the BAKE paper), else off')
     group.add_argument('--torchcompile', nargs='?', type=str, default=None, const='inductor',
                        help='torch.compile the model with this backend (default when given: inductor)')
 
@@ -115,6 +117,9 @@ def create_parser() -> Tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     group.add_argument('--clip-grad', type=float, default=None, metavar='NORM', help='clip gradient norm/value')
     group.add_argument('--clip-mode', type=str, default='norm', help='gradient clipping mode: norm, value, agc')
     group.add_argument('--layer-decay', type=float, default=None, help='layer-wise learning rate decay')
+    group.add_argument('--opt-kwargs', nargs='*', default=[], metavar='KEY=VALUE',
+                       help='extra timm create_optimizer_v2 kwargs, values parsed as YAML scalars, e.g. '
+                            'filter_bias_and_bn=false (weight decay on BN/bias too, as pycls)')
 
     group = parser.add_argument_group('Learning rate schedule parameters')
     group.add_argument('--sched', type=str, default='cosine', metavar='SCHEDULER',
@@ -181,7 +186,19 @@ def create_parser() -> Tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     group.add_argument('--bake-temp', type=float, default=4.0, help='softmax temperature tau (default: 4.0)')
     group.add_argument('--bake-weight', type=float, default=1.0, help='loss weight lambda (default: 1.0)')
     group.add_argument('--bake-intra', type=int, default=1, metavar='M',
-                       help='same-class images sampled with each anchor (default: 1)')
+                       help='same-class images sampled with each anchor under --bake (default: 1)')
+    group.add_argument('--class-aware-intra', type=int, default=None, metavar='M',
+                       help='class-aware sampling with M same-class images per anchor, with or without --bake '
+                            '(Table 10 vanilla rows); default: --bake-intra under --bake, else off')
+    group.add_argument('--batch-anchors', type=int, default=None, metavar='N',
+                       help='randomly sampled (anchor) images per process and step; sets -b to N x (1 + M) with M '
+                            'the class mates, so --no-bake on a BAKE recipe keeps N images (default: use -b)')
+    group.add_argument('--bake-random-walk', action='store_true', default=False,
+                       help='Table 16 baseline: supervise the random-walk propagated predictions with the hard labels '
+                            'instead of distilling from them')
+    group.add_argument('--shuffle-bn', action='store_true', default=False,
+                       help='under torchrun, shuffle the batch across processes before the forward pass and restore '
+                            'the order after (Table 15, MoCo shuffle BN); needs --bake')
     group.add_argument('--bake-knowledge', type=str, default='preds', choices=('preds', 'labels'),
                        help='ensemble predictions or one-hot labels (Table 14 ablation) (default: preds)')
     group.add_argument('--bake-one-step', action='store_true', default=False,
@@ -244,14 +261,13 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> Tuple[argparse.Namespace
 
 def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """Flag combinations that cannot work, reported before any work starts."""
-    if args.bake:
-        from dr.bake.sampler import check_batch_size
-        try:
-            check_batch_size(args.batch_size, args.bake_intra)
-        except ValueError as e:
-            parser.error(str(e))
-        if args.reinforced or args.kd_teacher:
-            parser.error('--bake cannot be combined with --reinforced or --kd-teacher')
+    _resolve_sampling(parser, args)
+    if args.bake and (args.reinforced or args.kd_teacher):
+        parser.error('--bake cannot be combined with --reinforced or --kd-teacher')
+    if (args.shuffle_bn or args.bake_random_walk) and not args.bake:
+        parser.error('--shuffle-bn and --bake-random-walk are BAKE options: add --bake')
+    if args.shuffle_bn and args.sync_bn:
+        parser.error('--shuffle-bn and --sync-bn are alternatives (BAKE Table 15); pass one')
     if args.reinforced and args.kd_teacher:
         parser.error('--reinforced and --kd-teacher are alternatives; pass one')
     if args.reinforced and (args.mixup > 0 or args.cutmix > 0 or args.cutmix_minmax is not None):
@@ -262,6 +278,36 @@ def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
         parser.error(f'--rd-p must be in [0, 1], got {args.rd_p}')
     if args.grad_accum_steps < 1:
         parser.error('--grad-accum-steps must be >= 1')
+
+
+def _resolve_sampling(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Class-aware sampling and batch size: sets ``args.sampler_intra`` (M, 0 = plain sampling) and, with
+    ``--batch-anchors N``, ``args.batch_size = N x (1 + M)``; checks that groups of ``1 + M`` fill the batch."""
+    if args.class_aware_intra is not None:
+        m, flag = args.class_aware_intra, '--class-aware-intra'
+    elif args.bake:
+        m, flag = args.bake_intra, '--bake-intra'
+    else:
+        m, flag = 0, '--class-aware-intra'
+    if m < 0:
+        parser.error(f'{flag} must be >= 0, got {m}')
+    args.sampler_intra = m
+    if args.batch_anchors is not None:
+        if args.batch_anchors < 1:
+            parser.error(f'--batch-anchors must be >= 1, got {args.batch_anchors}')
+        images = args.batch_anchors * (1 + m)
+        if args.batch_size not in (images, parser.get_default('batch_size')):
+            parser.error(f'-b/--batch-size {args.batch_size} conflicts with --batch-anchors {args.batch_anchors} x '
+                         f'(1 + {flag} {m}) = {images} images; pass one of them')
+        args.batch_size = images
+    if m > 0:
+        from dr.bake.sampler import check_batch_size
+        try:
+            check_batch_size(args.batch_size, m, flag)
+        except ValueError as e:
+            parser.error(str(e))
+        if args.reinforced or args.kd_teacher:
+            parser.error(f'class-aware sampling ({flag} {m}) cannot be combined with --reinforced or --kd-teacher')
 
 
 def _setup_logging(rank: int) -> None:
@@ -315,7 +361,8 @@ def create_task(args: argparse.Namespace, model: nn.Module, criterion: nn.Module
         return BakeTask(
             model, criterion=criterion, omega=args.bake_omega, temperature=args.bake_temp, weight=args.bake_weight,
             knowledge=args.bake_knowledge, one_step=args.bake_one_step, global_ensemble=args.bake_global,
-            num_classes=args.num_classes, device=device, verbose=args.rank == 0)
+            num_classes=args.num_classes, device=device, verbose=args.rank == 0, random_walk=args.bake_random_walk,
+            shuffle_bn=args.shuffle_bn)
     if args.reinforced:
         from dr.reinforce.task import ReinforcedTask
         return ReinforcedTask(model, loss=args.rd_loss, gt_weight=args.rd_gt_weight, device=device,
@@ -448,12 +495,15 @@ def create_train_model(args: argparse.Namespace, device: torch.device) -> Tuple[
     model.to(device)
     if args.channels_last:
         model.to(memory_format=torch.channels_last)
-    if args.sync_bn and args.distributed:
+    sync_bn = args.sync_bn
+    if sync_bn is None:  # the paper's runs with class-aware sampling use SyncBN (Table 15)
+        sync_bn = args.sampler_intra > 0 and not args.shuffle_bn and device.type == 'cuda'
+    if sync_bn and args.distributed:
         if device.type != 'cuda':
             raise ValueError('--sync-bn needs CUDA devices (torch SyncBatchNorm does not run on CPU)')
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    elif args.bake and args.distributed and device.type == 'cuda' and args.rank == 0:
-        _logger.warning('BAKE with per-GPU BatchNorm: the paper (Table 15) recommends --sync-bn')
+    elif args.sampler_intra > 0 and not args.shuffle_bn and args.distributed and args.rank == 0:
+        _logger.warning('Class-aware sampling with per-process BatchNorm: BAKE Table 15 needs --sync-bn/--shuffle-bn')
     return model, data_config
 
 
@@ -465,7 +515,8 @@ def _setup_training(args: argparse.Namespace, model: nn.Module, device: torch.de
     criterion = _create_criterion(args, mixup_active)
     task = create_task(args, model, criterion, device, rd_meta)
     task.to(device)
-    optimizer = create_optimizer_v2(model, **optimizer_kwargs(cfg=args))
+    optimizer = create_optimizer_v2(model, **optimizer_kwargs(cfg=args),
+                                    **dr_config.parse_key_values(args.opt_kwargs, '--opt-kwargs'))
     run = TrainRun(task=task, optimizer=optimizer, amp_autocast=_amp_context(args, device))
     if args.amp and device.type == 'cuda' and args.amp_dtype == 'float16':
         run.loss_scaler = NativeScaler(device=device.type)
@@ -494,7 +545,7 @@ def _setup_training(args: argparse.Namespace, model: nn.Module, device: torch.de
 def create_train_eval_loaders(args: argparse.Namespace, train_ds, val_ds, data_config: Dict[str, Any],
                               rd_meta: Optional[Dict[str, Any]], device: torch.device) -> Tuple[Any, Any]:
     """The training loader (reinforced shards, a streaming timm loader, or a map-style loader with the class-aware
-    sampler under BAKE) and the evaluation loader (None without a validation split)."""
+    sampler under BAKE / --class-aware-intra) and the evaluation loader (None without a validation split)."""
     input_size = resolve_input_size(data_config)
     use_prefetcher = device.type == 'cuda' and not args.no_prefetcher
     train_interpolation = args.train_interpolation
@@ -514,9 +565,9 @@ def create_train_eval_loaders(args: argparse.Namespace, train_ds, val_ds, data_c
             num_classes=args.num_classes, seed=args.seed, rank=args.rank, world_size=args.world_size,
             shuffle_buffer=args.rd_shuffle_buffer, device=device, pin_memory=args.pin_mem)
     elif isinstance(train_ds, torch.utils.data.IterableDataset):
-        if args.bake:
-            raise ValueError(f'--bake needs a map-style dataset with known labels; --dataset {args.dataset!r} '
-                             f'streams (use an ImageFolder, digits or torch/ dataset)')
+        if args.sampler_intra > 0:
+            raise ValueError(f'class-aware sampling (--bake / --class-aware-intra) needs a map-style dataset with '
+                             f'known labels; --dataset {args.dataset!r} streams (use an ImageFolder, digits or torch/)')
         train_loader = create_loader(
             train_ds, input_size=input_size, batch_size=args.batch_size, is_training=True, no_aug=args.no_aug,
             scale=args.scale, ratio=args.ratio, hflip=args.hflip, vflip=args.vflip, color_jitter=args.color_jitter,
@@ -525,9 +576,9 @@ def create_train_eval_loaders(args: argparse.Namespace, train_ds, val_ds, data_c
             distributed=args.distributed, pin_memory=args.pin_mem, device=device, use_prefetcher=use_prefetcher)
     else:
         sampler = None
-        if args.bake:
+        if args.sampler_intra > 0:
             from dr.bake.sampler import ClassAwareSampler
-            sampler = ClassAwareSampler(dr_data.dataset_targets(train_ds), num_intra=args.bake_intra,
+            sampler = ClassAwareSampler(dr_data.dataset_targets(train_ds), num_intra=args.sampler_intra,
                                         num_replicas=args.world_size, rank=args.rank, shuffle=True, seed=args.seed)
         train_loader = DeviceLoader(
             create_train_loader(train_ds, train_transform, args.batch_size, sampler=sampler,

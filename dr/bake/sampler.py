@@ -17,19 +17,20 @@ from ..distributed import get_rank, get_world_size
 _logger = logging.getLogger(__name__)
 
 
-def check_batch_size(batch_size: int, num_intra: int) -> None:
+def check_batch_size(batch_size: int, num_intra: int, flag: str = '--bake-intra') -> None:
     """Raise ``ValueError`` unless ``batch_size`` is a positive multiple of ``1 + num_intra``.
 
-    Groups (anchor + ``num_intra`` images of the same class) must not straddle batches.
+    Groups (anchor + ``num_intra`` images of the same class) must not straddle batches. ``flag`` names the option
+    that set ``num_intra`` in the message (``--bake-intra`` or ``--class-aware-intra``).
     """
     if num_intra < 0:
-        raise ValueError(f'--bake-intra must be >= 0, got {num_intra}')
+        raise ValueError(f'{flag} must be >= 0, got {num_intra}')
     group = 1 + num_intra
     if batch_size <= 0 or batch_size % group != 0:
         lower = max(group, batch_size // group * group)
         raise ValueError(
-            f'-b/--batch-size {batch_size} must be a multiple of 1 + --bake-intra = {group} (each anchor image comes '
-            f'with --bake-intra {num_intra} image(s) of its class and a group must not be split across batches); '
+            f'-b/--batch-size {batch_size} must be a multiple of 1 + {flag} = {group} (each anchor image comes '
+            f'with {flag} {num_intra} image(s) of its class and a group must not be split across batches); '
             f'use e.g. -b {lower} or -b {lower + group}')
 
 

@@ -10,6 +10,10 @@ an ensemble of the predictions of the *other* samples of the batch, weighted by 
 * ``one_step=True`` gives ``Q = omega A P + (1 - omega) P`` (Eq. 6, the Fig. 4 ablation).
 
 The loss (Eq. 2) is ``CE(z, y) + lambda * tau^2 * KL(Q || softmax(z / tau))``; ``Q`` never carries a gradient.
+Targets are computed with autocast disabled, so they are float32 (and computed in float32) under AMP.
+
+:func:`random_walk_log_probs` is the Table 16 baseline: the same propagation, differentiable, whose result is
+supervised with the hard labels instead of serving as a distillation target.
 
 :class:`BakeTask` packages this as a ``timm.task.TrainingTask``: its trainable module (:class:`BakeModel`) returns
 logits and pre-logits from one forward pass, while evaluation, EMA and checkpoints see the plain timm model.
@@ -95,17 +99,14 @@ def bake_targets(
         raise ValueError(
             f'bake_targets: knowledge must have the logits\' shape {tuple(logits.shape)}, got {tuple(knowledge.shape)}')
 
-    with torch.no_grad(), _single_thread_if_small(features.device, n):
+    with torch.no_grad(), _no_autocast(features.device), _single_thread_if_small(features.device, n):
         if knowledge is not None:
             p = knowledge.detach().float()
         else:
             p = torch.softmax(logits.detach().float() / temperature, dim=1)
         if n == 1 or omega == 0.0:
             return p.clone() if knowledge is not None else p
-        f = F.normalize(features.detach().float(), p=2.0, dim=1)
-        affinity = f @ f.t()
-        affinity.fill_diagonal_(float('-inf'))
-        affinity = torch.softmax(affinity, dim=1)
+        affinity = _affinity(features.detach())
         if one_step:
             q = torch.addmm(p, affinity, p, beta=1.0 - omega, alpha=omega)
         else:
@@ -117,12 +118,53 @@ def bake_targets(
     return q
 
 
+def _no_autocast(device: torch.device):
+    """Autocast off for ``device``'s type: the matmuls and the solve run in float32 even inside ``torch.autocast``."""
+    return torch.autocast(device_type=device.type, enabled=False)
+
+
+def _affinity(features: torch.Tensor) -> torch.Tensor:
+    """Row-softmax of the cosine similarities with the diagonal excluded (Eq. 3-4), float32."""
+    f = F.normalize(features.float(), p=2.0, dim=1)
+    affinity = f @ f.t()
+    affinity = affinity.masked_fill(torch.eye(f.shape[0], dtype=torch.bool, device=f.device), float('-inf'))
+    return torch.softmax(affinity, dim=1)
+
+
+def random_walk_log_probs(
+        features: torch.Tensor,
+        logits: torch.Tensor,
+        omega: float = 0.5,
+        temperature: float = 4.0,
+        eps: float = 1e-12,
+) -> torch.Tensor:
+    """``log Q`` of the random-walk propagation ``Q = (1 - omega) (I - omega A)^-1 softmax(z / tau)``, with gradient.
+
+    BAKE Table 16 compares with random-walk aggregation of predictions ([2, 61] there), which "use the original hard
+    labels for supervision": the propagated predictions are the output that a hard-label loss trains, so the gradient
+    flows through both the affinities ``A`` and the predictions ``P`` (unlike BAKE, whose targets are constants).
+    ``omega < 1`` is required. Computed in float32 with autocast disabled; rows of ``Q`` sum to 1.
+    """
+    omega = _check_omega(omega, one_step=False)
+    if temperature <= 0:
+        raise ValueError(f'random walk temperature (--bake-temp) must be > 0, got {temperature}')
+    n = features.shape[0]
+    with _no_autocast(features.device):
+        p = torch.softmax(logits.float() / temperature, dim=1)
+        if n == 1 or omega == 0.0:
+            return torch.log(p.clamp_min(eps))
+        system = torch.eye(n, device=p.device) - omega * _affinity(features)
+        q = torch.linalg.solve(system, p) * (1.0 - omega)
+        return torch.log(q.clamp_min(eps))
+
+
 def bake_loss(logits: torch.Tensor, q: torch.Tensor, temperature: float) -> torch.Tensor:
     """``tau^2 * KL(Q || softmax(logits / tau))``, batch mean, computed in float32.
 
     The gradient reaches ``logits`` only through the student's log-softmax; ``q`` is treated as a constant.
     """
-    log_p = F.log_softmax(logits.float() / temperature, dim=1)
-    return F.kl_div(log_p, q.detach().float(), reduction='batchmean') * (temperature ** 2)
+    with _no_autocast(logits.device):
+        log_p = F.log_softmax(logits.float() / temperature, dim=1)
+        return F.kl_div(log_p, q.detach().float(), reduction='batchmean') * (temperature ** 2)
 
 

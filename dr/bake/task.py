@@ -11,7 +11,8 @@ from timm.task import TrainingTask
 from timm.utils.model_ema import ModelEmaV3
 
 from ..distributed import all_gather_cat, get_rank, get_world_size
-from .targets import KNOWLEDGE_TYPES, _check_omega, bake_loss, bake_targets
+from .shuffle import BatchShuffle, shuffle_batch
+from .targets import KNOWLEDGE_TYPES, _check_omega, bake_loss, bake_targets, random_walk_log_probs
 
 _logger = logging.getLogger(__name__)
 
@@ -148,6 +149,11 @@ class BakeTask(TrainingTask):
             (timm drops the last incomplete batch). Ignored in a single process.
         num_classes: number of classes (checked against the logits; defaults to ``model.num_classes``).
         head_mode: see :class:`BakeModel`.
+        random_walk: Table 16 baseline instead of BAKE: the second loss term is the hard-label cross-entropy of the
+            random-walk propagated predictions (:func:`random_walk_log_probs`, differentiable, within this process's
+            batch) instead of the distillation from ``Q``.
+        shuffle_bn: under torch.distributed, shuffle the global batch across processes before the forward pass and
+            restore the order afterwards (Table 15, :mod:`dr.bake.shuffle`); a no-op in one process.
 
     ``forward`` returns ``{'loss', 'output', 'loss_ce', 'loss_bake'}`` (the two components detached, for logging).
     Eval model, EMA and checkpoint ``state_dict`` are the plain timm model (keys like ``conv1.weight``).
@@ -168,6 +174,8 @@ class BakeTask(TrainingTask):
             dtype: Optional[torch.dtype] = None,
             verbose: bool = True,
             head_mode: str = 'auto',
+            random_walk: bool = False,
+            shuffle_bn: bool = False,
     ):
         super().__init__(device=device, dtype=dtype, verbose=verbose)
         self.omega = _check_omega(omega, one_step)
@@ -182,6 +190,11 @@ class BakeTask(TrainingTask):
         self.knowledge = knowledge
         self.one_step = bool(one_step)
         self.global_ensemble = bool(global_ensemble)
+        self.random_walk = bool(random_walk)
+        self.shuffle_bn = bool(shuffle_bn)
+        if self.random_walk and (self.knowledge != 'preds' or self.one_step or self.shuffle_bn):
+            raise ValueError('BAKE random walk (--bake-random-walk) propagates the predictions in closed form within '
+                             'each process: it excludes --bake-knowledge labels, --bake-one-step and --shuffle-bn')
         self.trainable_module = BakeModel(model, head_mode=head_mode)
         self.num_classes = int(num_classes) if num_classes is not None else getattr(_plain(model), 'num_classes', None)
         if criterion is None:
@@ -194,6 +207,7 @@ class BakeTask(TrainingTask):
             _logger.info(
                 f'BakeTask: omega={self.omega} temperature={self.temperature} weight={self.weight} '
                 f'knowledge={self.knowledge} one_step={self.one_step} global_ensemble={self.global_ensemble} '
+                f'random_walk={self.random_walk} shuffle_bn={self.shuffle_bn} '
                 f'head_mode={self.trainable_module.head_mode} criterion={type(self.criterion).__name__}')
 
     # --- model plumbing -------------------------------------------------------------------------------------
@@ -271,10 +285,11 @@ class BakeTask(TrainingTask):
             pre_logits: torch.Tensor,
             logits: torch.Tensor,
             knowledge: Optional[torch.Tensor],
+            shuffle: Optional[BatchShuffle] = None,
     ) -> torch.Tensor:
         n, d = pre_logits.shape
         world_size = get_world_size()
-        if not self.global_ensemble or world_size == 1:
+        if world_size == 1 or (not self.global_ensemble and shuffle is None):
             return bake_targets(pre_logits, logits, self.omega, self.temperature, self.one_step, knowledge)
         # One collective for features and logits (or labels): pack (N, D + K) in float32.
         second = knowledge if knowledge is not None else logits
@@ -282,26 +297,48 @@ class BakeTask(TrainingTask):
         # Equal per-rank batch sizes are required; the shapes are checked on the first step only (extra collective).
         gathered = all_gather_cat(packed, check=not self._checked_gather)
         self._checked_gather = True
-        feats_all, second_all = gathered[:, :d], gathered[:, d:]
-        if knowledge is not None:
-            q = bake_targets(feats_all, second_all, self.omega, self.temperature, self.one_step, knowledge=second_all)
-        else:
-            q = bake_targets(feats_all, second_all, self.omega, self.temperature, self.one_step)
+        if shuffle is not None:
+            gathered = shuffle.unshuffle(gathered)  # the original global order: rank r's loader batch is block r
+        blocks = [gathered] if self.global_ensemble else list(gathered.split(n))
+        q = torch.cat([self._ensemble(b[:, :d], b[:, d:], knowledge is not None) for b in blocks])
+        if shuffle is not None:
+            q = shuffle.shuffle(q)
         rank = get_rank()
         return q[rank * n:(rank + 1) * n]
 
+    def _ensemble(self, feats: torch.Tensor, second: torch.Tensor, is_knowledge: bool) -> torch.Tensor:
+        return bake_targets(feats, second, self.omega, self.temperature, self.one_step,
+                            knowledge=second if is_knowledge else None)
+
     def forward(self, input: torch.Tensor, target: torch.Tensor) -> Dict[str, torch.Tensor]:
+        shuffle = None
+        if self.shuffle_bn and get_world_size() > 1:
+            input, target, shuffle = shuffle_batch(input, target)
         logits, pre_logits = self.trainable_module(input)
         if self.num_classes is not None and logits.shape[1] != self.num_classes:
             raise ValueError(f'BakeTask: model returned {logits.shape[1]} logits, expected {self.num_classes} classes')
         knowledge = self._knowledge(logits, target)  # validates the target shape for --bake-knowledge labels
         loss_ce = self.criterion(logits, target)
-        q = self._targets(pre_logits, logits, knowledge)
-        loss_bake = bake_loss(logits, q, self.temperature)
+        if self.random_walk:
+            loss_bake = _hard_label_nll(random_walk_log_probs(pre_logits, logits, self.omega, self.temperature), target)
+        else:
+            q = self._targets(pre_logits, logits, knowledge, shuffle)
+            loss_bake = bake_loss(logits, q, self.temperature)
         loss = loss_ce + self.weight * loss_bake
+        output = logits
+        if shuffle is not None:  # this rank's loader batch, in its order (detached)
+            output = shuffle.unshuffle(all_gather_cat(logits))[shuffle.rank * shuffle.local_size:
+                                                                (shuffle.rank + 1) * shuffle.local_size]
         return {
             'loss': loss,
-            'output': logits,
+            'output': output,
             'loss_ce': loss_ce.detach(),
             'loss_bake': loss_bake.detach(),
         }
+
+
+def _hard_label_nll(log_q: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of log-probabilities with class indices or (mixup/cutmix) soft targets, batch mean."""
+    if target.ndim == 1:
+        return F.nll_loss(log_q, target.long())
+    return -(target.float() * log_q).sum(dim=1).mean()

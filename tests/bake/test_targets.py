@@ -1,10 +1,11 @@
 """BAKE targets and loss: closed form vs iterated propagation, one-step form, diagonal, knowledge types."""
+import contextlib
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from dr.bake.targets import bake_loss, bake_targets
+from dr.bake.targets import bake_loss, bake_targets, random_walk_log_probs
 
 
 def _batch(n=12, d=16, k=7, seed=0, dtype=torch.float32):
@@ -86,9 +87,19 @@ def test_diagonal_excluded():
     q2 = bake_targets(feats, changed, omega=1.0, temperature=4.0, one_step=True)
     torch.testing.assert_close(q[2], q2[2])
     assert (q2[torch.arange(8) != 2] - q[torch.arange(8) != 2]).abs().max() > 1e-3  # the others do see it
-    # identical features would dominate if the diagonal (cos = 1, the largest affinity) were kept
-    a = _reference_affinity(feats)
-    assert torch.all(a.diagonal() == 0)
+    # The project's Q equals Eq. 5 with the diagonal excluded and differs from the same sum with it kept: a sample's
+    # own feature (cos = 1, the largest affinity) would otherwise carry the most weight.
+    p = _reference_p(logits, 4.0)
+    f = F.normalize(feats.double(), dim=1)
+    kept = torch.softmax(f @ f.t(), dim=1)
+    excluded = _reference_affinity(feats)
+    torch.testing.assert_close(q.double(), excluded @ p, atol=1e-6, rtol=0)
+    assert (q.double() - kept @ p).abs().max() > 1e-3
+    # the closed form too: Q = (1 - w)(I - w A)^-1 P with the zero-diagonal A, not the kept one
+    qc = bake_targets(feats, logits, omega=0.5, temperature=4.0)
+    eye = torch.eye(8, dtype=torch.float64)
+    torch.testing.assert_close(qc.double(), 0.5 * torch.linalg.solve(eye - 0.5 * excluded, p), atol=1e-6, rtol=0)
+    assert (qc.double() - 0.5 * torch.linalg.solve(eye - 0.5 * kept, p)).abs().max() > 1e-3
 
 
 def test_omega_one_needs_one_step_and_validation():
@@ -123,13 +134,38 @@ def test_single_sample_returns_p():
 
 @pytest.mark.parametrize('dtype', [torch.float16, torch.bfloat16])
 def test_low_precision_inputs(dtype):
+    # Half-precision features/logits (as an AMP forward returns them) give float32 targets equal to the float32
+    # computation on the same (rounded) values.
+    # ... also when called inside the autocast region that produced them.
     feats, logits = _batch(n=16, seed=11)
     q32 = bake_targets(feats.to(dtype).float(), logits.to(dtype).float())
-    q = bake_targets(feats.to(dtype), logits.to(dtype))
-    assert q.dtype == torch.float32 and torch.isfinite(q).all()
-    torch.testing.assert_close(q, q32, atol=1e-5, rtol=0)
-    loss = bake_loss(logits.to(dtype), q, 4.0)
-    assert loss.dtype == torch.float32 and torch.isfinite(loss)
+    for ctx in (contextlib.nullcontext(), torch.autocast('cpu', dtype=dtype)):
+        with ctx:
+            q = bake_targets(feats.to(dtype), logits.to(dtype))
+            loss = bake_loss(logits.to(dtype), q, 4.0)
+        assert q.dtype == torch.float32 and torch.isfinite(q).all()
+        torch.testing.assert_close(q, q32, atol=1e-6, rtol=0)
+        assert loss.dtype == torch.float32 and torch.isfinite(loss)
+
+
+@pytest.mark.parametrize('one_step', [False, True])
+def test_targets_under_autocast_are_float32(one_step):
+    # Inside torch.autocast the matmuls would run (and return) bfloat16; bake_targets disables autocast, so its
+    # targets equal the float32 computation to float32 precision, in the closed and the one-step form.
+    feats, logits = _batch(n=32, d=64, k=10, seed=12)
+    feats = feats.to(torch.bfloat16).float()
+    logits = logits.to(torch.bfloat16).float()
+    q32 = bake_targets(feats, logits, omega=0.5, temperature=4.0, one_step=one_step)
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        assert torch.is_autocast_enabled('cpu') and (feats @ feats.t()).dtype == torch.bfloat16  # autocast is on
+        q = bake_targets(feats, logits, omega=0.5, temperature=4.0, one_step=one_step)
+        loss = bake_loss(logits, q, 4.0)
+        log_q = random_walk_log_probs(feats, logits, omega=0.5, temperature=4.0)
+    assert q.dtype == torch.float32 and loss.dtype == torch.float32 and log_q.dtype == torch.float32
+    torch.testing.assert_close(q, q32, atol=1e-6, rtol=0)
+    torch.testing.assert_close(loss, bake_loss(logits, q32, 4.0), atol=1e-6, rtol=0)
+    torch.testing.assert_close(log_q, random_walk_log_probs(feats, logits, omega=0.5, temperature=4.0),
+                               atol=1e-5, rtol=0)
 
 
 def test_labels_knowledge():
@@ -169,3 +205,24 @@ def test_bake_loss_value():
     expected = tau ** 2 * (q.double() * (q.double().log() - s.log())).sum(1).mean()
     torch.testing.assert_close(bake_loss(logits, q, tau).double(), expected, atol=1e-6, rtol=0)
     assert bake_loss(logits, torch.softmax(logits / tau, dim=1), tau).abs() < 1e-6
+
+
+# --- random walk (Table 16 baseline) ---------------------------------------------------------------------------------
+def test_random_walk_matches_closed_form_and_is_differentiable():
+    feats, logits = _batch(n=10, seed=9)
+    omega, tau = 0.5, 4.0
+    a = _reference_affinity(feats)
+    p = _reference_p(logits, tau)
+    expected = (1 - omega) * torch.linalg.solve(torch.eye(10, dtype=torch.float64) - omega * a, p)
+    feats.requires_grad_(True)
+    logits.requires_grad_(True)
+    log_q = random_walk_log_probs(feats, logits, omega=omega, temperature=tau)
+    torch.testing.assert_close(log_q.exp().double(), expected, atol=1e-6, rtol=0)
+    # the same values as BAKE's targets, but the gradient reaches the logits through Q and the features through A
+    torch.testing.assert_close(log_q.exp(), bake_targets(feats, logits, omega=omega, temperature=tau),
+                               atol=1e-6, rtol=0)
+    F.nll_loss(log_q, torch.arange(10) % 7).backward()
+    assert feats.grad is not None and feats.grad.abs().max() > 0
+    assert logits.grad is not None and logits.grad.abs().max() > 0
+    with pytest.raises(ValueError, match='--bake-one-step'):
+        random_walk_log_probs(feats, logits, omega=1.0)

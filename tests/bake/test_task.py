@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from timm.optim import create_optimizer_v2
 
-from dr.bake.targets import bake_loss, bake_targets
+from dr.bake.targets import bake_loss, bake_targets, random_walk_log_probs
 from dr.bake.task import BakeModel, BakeTask
 from tests.helpers import REPO
 
@@ -240,16 +240,21 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.slow
-@pytest.mark.distributed
-def test_global_ensemble_two_processes(tmp_path):
+def _run_two_process_worker(tmp_path, template: str) -> None:
+    """Run a worker script (``template`` formatted with the repo path) under torchrun with 2 CPU processes."""
     script = tmp_path / 'worker.py'
-    script.write_text(_WORKER.format(repo=REPO))
+    script.write_text(template.format(repo=REPO))
     env = dict(os.environ, OMP_NUM_THREADS='1', MASTER_ADDR='127.0.0.1')
     cmd = [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node=2', '--nnodes=1',
            '--master_addr=127.0.0.1', f'--master_port={_free_port()}', str(script), str(tmp_path)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_global_ensemble_two_processes(tmp_path):
+    _run_two_process_worker(tmp_path, _WORKER)
     for knowledge in ('preds', 'labels'):
         ranks = [torch.load(tmp_path / f'{knowledge}_rank{r}.pt', weights_only=True) for r in range(2)]
         pre = torch.cat([r['pre'] for r in ranks])
@@ -266,3 +271,100 @@ def test_global_ensemble_two_processes(tmp_path):
         # the global ensemble differs from a per-rank one, and DDP averaged the gradients
         assert (ranks[0]['q'] - q_local).abs().max() > 1e-4
         torch.testing.assert_close(ranks[0]['grad'], ranks[1]['grad'])
+
+
+# --- random walk (Table 16) -------------------------------------------------------------------------------------------
+def test_random_walk_task_supervises_propagated_predictions():
+    torch.manual_seed(0)
+    model = timm.create_model('test_resnet', num_classes=5)
+    model.eval()  # BN running stats: the forward is per sample
+    x, y = torch.randn(6, 3, 32, 32), torch.tensor([0, 1, 2, 3, 4, 0])
+    task = BakeTask(model, omega=0.5, temperature=4.0, weight=1.0, random_walk=True, verbose=False)
+    out = task(x, y)
+    logits, pre = task.trainable_module(x)
+    log_q = random_walk_log_probs(pre, logits, omega=0.5, temperature=4.0)
+    torch.testing.assert_close(out['loss_bake'], F.nll_loss(log_q, y).detach(), atol=1e-6, rtol=0)
+    torch.testing.assert_close(out['loss'], F.cross_entropy(logits, y) + F.nll_loss(log_q, y), atol=1e-6, rtol=0)
+    # unlike BAKE's targets, the propagated predictions carry the gradient back into the network
+    model.zero_grad()
+    F.nll_loss(log_q, y).backward()
+    stem = next(model.parameters())
+    assert stem.grad is not None and stem.grad.abs().max() > 0
+    with pytest.raises(ValueError, match='random walk'):
+        BakeTask(model, random_walk=True, knowledge='labels', verbose=False)
+    with pytest.raises(ValueError, match='random walk'):
+        BakeTask(model, random_walk=True, shuffle_bn=True, verbose=False)
+
+
+# --- shuffling BN (Table 15) under 2 processes ------------------------------------------------------------------------
+_SHUFFLE_WORKER = textwrap.dedent('''
+    import os, sys
+    import torch
+    import torch.distributed as dist
+    import timm
+    sys.path.insert(0, {repo!r})
+    from dr.bake import BakeTask, shuffle_batch
+
+    dist.init_process_group('gloo')
+    rank, world = dist.get_rank(), dist.get_world_size()
+    out_dir = sys.argv[1]
+    torch.manual_seed(0)  # identical global batch on every rank
+    x_all = torch.randn(4 * world, 3, 32, 32)
+    y_all = torch.randint(0, 5, (4 * world,))
+    x, y = x_all[rank * 4:(rank + 1) * 4], y_all[rank * 4:(rank + 1) * 4]
+    torch.manual_seed(100 + rank)  # rank-specific RNG: the permutation must still be rank 0's
+    xs, ys, shuffle = shuffle_batch(x, y)
+    res = dict(perm=shuffle.perm, xs=xs, ys=ys)
+    for mode in ('eval', 'train'):
+        for global_ensemble in (True, False):
+            for shuffle_bn in (False, True):
+                torch.manual_seed(1)  # identical weights on every rank
+                model = timm.create_model('test_resnet', num_classes=5)
+                with torch.no_grad():  # confident, diverse predictions: the ensembles differ measurably
+                    model.get_classifier().weight.mul_(200.0)
+                task = BakeTask(model, omega=0.5, temperature=4.0, global_ensemble=global_ensemble,
+                                shuffle_bn=shuffle_bn, verbose=False)
+                task.prepare_distributed(device_ids=None)
+                task.train(mode == 'train')
+                torch.manual_seed(7)
+                out = task(x, y)
+                out['loss'].backward()
+                loss = out['loss'].detach().clone()
+                dist.all_reduce(loss)
+                key = f'{{mode}}_{{"global" if global_ensemble else "local"}}_{{"shuffle" if shuffle_bn else "plain"}}'
+                res[key] = dict(output=out['output'].detach(), loss=loss / world,
+                                grad=model.get_classifier().weight.grad.clone())
+    torch.save(res, os.path.join(out_dir, f'rank{{rank}}.pt'))
+    dist.destroy_process_group()
+''')
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_shuffle_bn_two_processes(tmp_path):
+    _run_two_process_worker(tmp_path, _SHUFFLE_WORKER)
+    ranks = [torch.load(tmp_path / f'rank{r}.pt', weights_only=True) for r in range(2)]
+    # one permutation for both ranks (rank 0's, broadcast); each rank forwards its slice of the permuted batch
+    perm = ranks[0]['perm']
+    assert torch.equal(perm, ranks[1]['perm']) and sorted(perm.tolist()) == list(range(8))
+    torch.manual_seed(0)
+    x_all = torch.randn(8, 3, 32, 32)
+    y_all = torch.randint(0, 5, (8,))
+    for r in range(2):
+        rows = perm[r * 4:(r + 1) * 4]
+        assert torch.equal(ranks[r]['xs'], x_all[rows]) and torch.equal(ranks[r]['ys'], y_all[rows])
+    for ensemble in ('global', 'local'):
+        # Eval-mode BN (running stats): shuffling must change nothing - the order is restored for the outputs and for
+        # the (per-rank) ensembles, and the DDP-averaged gradients and the mean loss are those of the plain run.
+        for r in range(2):
+            plain, shuf = ranks[r][f'eval_{ensemble}_plain'], ranks[r][f'eval_{ensemble}_shuffle']
+            torch.testing.assert_close(shuf['output'], plain['output'], atol=1e-5, rtol=0)
+            torch.testing.assert_close(shuf['loss'], plain['loss'], atol=1e-5, rtol=0)
+            torch.testing.assert_close(shuf['grad'], plain['grad'], atol=1e-5, rtol=0)
+        # Train-mode BN: the statistics now come from the shuffled batches, so the outputs differ from the plain run
+        plain, shuf = ranks[0][f'train_{ensemble}_plain'], ranks[0][f'train_{ensemble}_shuffle']
+        assert (shuf['output'] - plain['output']).abs().max() > 1e-4
+        torch.testing.assert_close(ranks[0][f'train_{ensemble}_shuffle']['grad'],
+                                   ranks[1][f'train_{ensemble}_shuffle']['grad'])
+    # and the local ensemble really is per rank (differs from the global one)
+    assert (ranks[0]['eval_global_plain']['loss'] - ranks[0]['eval_local_plain']['loss']).abs() > 1e-3
