@@ -18,20 +18,31 @@ The shards are written here from the embedded digits with fake teacher records o
 (``--num-samples``/``--topk``; record bytes, not their values, matter for speed) unless ``--reinforced`` names a
 ``reinforce.py`` output of the digits (then ``--digits-size`` must match it).
 
+``--compare-tar-readers`` instead times the reinforced loader twice over the same shards: with its tar reader
+(WebDataset's ``tariterators``, Python's ``tarfile`` in stream mode, plus the per-shard sample-count checks) and with
+the hand-written tar parser it used before (``handwritten_tar_members`` below); epochs alternate in ABBA order and the
+ratio is also given as the median of the per-round ratios (with ``-j 0`` also of the process CPU time per sample,
+which other jobs on the machine disturb less).
+
 Examples::
 
     python benchmarks/loader_throughput.py                          # digits 32 px, batch 64, 2 workers, CPU
     python benchmarks/loader_throughput.py -j 8 --img-size 64 --num-samples 400 --epochs 5
+    python benchmarks/loader_throughput.py --compare-tar-readers -j 0 --epochs 8
+    python benchmarks/loader_throughput.py --compare-tar-readers -j 0 --digits-size 384 --img-size 224 \
+        --image-format jpg --max-images 512                         # ImageNet-like decode cost per sample
 """
 import argparse
+import io
 import json
 import logging
 import os
 import statistics
+import struct
 import sys
 import tempfile
 import time
-from typing import Any, Dict, Iterable, List
+from typing import Any, Dict, Iterable, Iterator, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -64,45 +75,187 @@ def create_parser() -> argparse.ArgumentParser:
     parser.add_argument('--epochs', type=int, default=3, help='timed epochs per loader (after one warm-up epoch)')
     parser.add_argument('--shuffle-buffer', type=int, default=1000)
     parser.add_argument('--seed', type=int, default=0)
+    parser.add_argument('--image-format', default='png', choices=('png', 'jpg'),
+                        help='how the images are stored (folder and shards alike)')
+    parser.add_argument('--max-images', type=int, default=0, help='only the first N digits (0: all 1438)')
+    parser.add_argument('--compare-tar-readers', action='store_true',
+                        help='time the reinforced loader with WebDataset\'s tar reader vs a hand-written one')
     parser.add_argument('--work-dir', default='', help='where to write the image folder and shards (default: tmp)')
     parser.add_argument('--output', default='', help='JSON result file')
     return parser
 
 
-def write_image_folder(ds: DigitsDataset, root: str) -> str:
-    """The digits as PNG files in an ImageFolder layout (``root/<class>/<key>.png``)."""
-    for i in range(len(ds)):
-        folder = os.path.join(root, ds.classes[ds.targets[i]])
+# ----------------------------------------------------------------------------------------------------------------
+# the challenger of --compare-tar-readers: the hand-written tar reader the loader used until the measurement
+# in docs/benchmarks.md showed it does not pay for itself (same semantics as dr.reinforce.loader.tar_members)
+
+_BLOCK = 512
+_ZERO_BLOCK = bytes(_BLOCK)
+
+
+class TarFormatError(ValueError):
+    """A tar stream that is truncated or whose headers do not check out."""
+
+
+def _tar_number(field: bytes, what: str, offset: int) -> int:
+    text = field.replace(b'\0', b' ').strip()
+    if not text:
+        return 0
+    if field[0] & 0x80:  # GNU base-256 (members > 8 GiB): not produced by reinforce.py
+        raise TarFormatError(f'unsupported base-256 {what} in the header at byte {offset}')
+    try:
+        return int(text, 8)
+    except ValueError:
+        raise TarFormatError(f'garbled {what} field {field!r} in the header at byte {offset}') from None
+
+
+def _pax_path(data: bytes) -> Optional[bytes]:
+    """The ``path`` record of a pax extended header (``"<len> path=<value>\\n"`` records)."""
+    pos = 0
+    while pos < len(data):
+        space = data.find(b' ', pos)
+        if space < 0:
+            break
+        length = int(data[pos:space])
+        key, _, value = data[space + 1:pos + length - 1].partition(b'=')
+        if key == b'path':
+            return value
+        pos += length
+    return None
+
+
+def handwritten_tar_members(stream: Any, skip_samples: int = 0) -> Iterator[Tuple[str, bytes]]:
+    """``(name, data)`` of the regular files of a tar stream, in order.
+
+    The hand-written reader ``dr.reinforce.loader`` used before WebDataset's (kept here as the challenger of
+    ``--compare-tar-readers``): ustar/pax/GNU headers with verified checksums, ~3x less Python work per member than
+    ``tarfile``; the members of the first ``skip_samples`` samples are passed over (``seek`` where possible).
+
+    Raises:
+        TarFormatError: truncated or corrupted archive (the message gives the byte offset).
+    """
+    offset = 0
+    long_name: Optional[bytes] = None
+    pax_name: Optional[bytes] = None
+    seekable = bool(getattr(stream, 'seekable', lambda: False)())
+    key, samples_seen = None, 0
+    while True:
+        header = stream.read(_BLOCK)
+        if not header:
+            return  # end of data without the end-of-archive blocks: the caller's sample count decides
+        if len(header) < _BLOCK:
+            raise TarFormatError(f'truncated header at byte {offset}')
+        if header == _ZERO_BLOCK:
+            return
+        stored = _tar_number(header[148:156], 'checksum', offset)
+        unsigned = sum(header) - sum(header[148:156]) + 8 * 32
+        signed = sum(struct.unpack_from('148b8x356b', header)) + 8 * 32
+        if stored not in (unsigned, signed):
+            raise TarFormatError(f'header checksum mismatch at byte {offset} (corrupted shard)')
+        size = _tar_number(header[124:136], 'size', offset)
+        typeflag = header[156:157]
+        name = header[:100].split(b'\0', 1)[0]
+        if header[257:262] == b'ustar':
+            prefix = header[345:500].split(b'\0', 1)[0]
+            if prefix:
+                name = prefix + b'/' + name
+        padded = (size + _BLOCK - 1) // _BLOCK * _BLOCK
+        offset += _BLOCK
+        regular = typeflag in (b'0', b'\0', b'7')
+        if regular:
+            name = long_name or pax_name or name
+            long_name = pax_name = None
+            member_key = name.rsplit(b'/', 1)[-1].split(b'.', 1)[0]
+            if member_key != key:
+                if key is not None:
+                    samples_seen += 1
+                key = member_key
+        if regular and samples_seen < skip_samples:
+            if seekable:
+                stream.seek(padded, os.SEEK_CUR)
+            else:
+                _read_exactly(stream, padded, offset, name)
+            offset += padded
+            continue
+        data = _read_exactly(stream, padded, offset, name)
+        offset += padded
+        if typeflag == b'L':
+            long_name = data[:size].rstrip(b'\0')
+        elif typeflag == b'x':
+            pax_name = _pax_path(data[:size])
+        elif regular:
+            yield name.decode('utf-8', 'replace'), data[:size]
+
+
+def _read_exactly(stream: Any, n: int, offset: int, name: bytes) -> bytes:
+    data = stream.read(n)
+    if len(data) < n:
+        raise TarFormatError(f'member {name.decode("utf-8", "replace")} truncated at byte {offset + len(data)} '
+                             f'({n - len(data)} bytes missing)')
+    return data
+
+
+# ----------------------------------------------------------------------------------------------------------------
+
+class BenchImages:
+    """The first ``max_images`` digits train images at ``size`` px, encoded as PNG (lossless) or JPEG (quality 90)."""
+
+    def __init__(self, size: int, fmt: str = 'png', max_images: int = 0):
+        self.ds = DigitsDataset('train', img_size=size)
+        self.size, self.ext = size, fmt
+        self.classes = self.ds.classes
+        self.n = min(max_images, len(self.ds)) if max_images > 0 else len(self.ds)
+
+    def __len__(self) -> int:
+        return self.n
+
+    def encoded(self, i: int) -> bytes:
+        if self.ext == 'png':
+            return self.ds.image_bytes(i)
+        buf = io.BytesIO()
+        self.ds.image(i).save(buf, format='JPEG', quality=90)
+        return buf.getvalue()
+
+    def label(self, i: int) -> int:
+        return int(self.ds.targets[i])
+
+    def key(self, i: int) -> str:
+        return self.ds.key(i)
+
+
+def write_image_folder(images: BenchImages, root: str) -> str:
+    """The images as files in an ImageFolder layout (``root/<class>/<key>.<ext>``)."""
+    for i in range(len(images)):
+        folder = os.path.join(root, images.classes[images.label(i)])
         os.makedirs(folder, exist_ok=True)
-        with open(os.path.join(folder, ds.key(i) + '.png'), 'wb') as f:
-            f.write(ds.image_bytes(i))
+        with open(os.path.join(folder, f'{images.key(i)}.{images.ext}'), 'wb') as f:
+            f.write(images.encoded(i))
     return root
 
 
-def write_fake_shards(ds: DigitsDataset, out_dir: str, num_samples: int, topk: int, shard_size: int,
+def write_fake_shards(images: BenchImages, out_dir: str, num_samples: int, topk: int, shard_size: int,
                       seed: int) -> str:
     """Shards in the reinforce.py format with real augmentation parameters and random teacher top-k records."""
     os.makedirs(out_dir, exist_ok=True)
     spec = create_augment_spec('rrc+ra_re')
-    num_classes = len(ds.classes)
+    num_classes = len(images.classes)
     dtype = record_dtype(topk, num_classes, spec.name)
     rng = np.random.default_rng(seed)
     shards = []
-    for s, start in enumerate(range(0, len(ds), shard_size)):
+    for s, start in enumerate(range(0, len(images), shard_size)):
         samples = []
         image_bytes = 0
-        for i in range(start, min(start + shard_size, len(ds))):
-            img = ds.image(i)
-            rec = sample_records(rng, img.width, img.height, spec, num_samples, dtype)
+        for i in range(start, min(start + shard_size, len(images))):
+            rec = sample_records(rng, images.size, images.size, spec, num_samples, dtype)
             logits = rng.normal(size=(num_samples, num_classes))
-            logits[:, ds.targets[i]] += 4.0
+            logits[:, images.label(i)] += 4.0
             probs = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
             order = np.argsort(-probs, axis=1)[:, :topk]
             rec['ids'] = order
             rec['probs'] = np.take_along_axis(probs, order, axis=1).astype(np.float16)
-            data = ds.image_bytes(i)
+            data = images.encoded(i)
             image_bytes += len(data)
-            samples.append({'key': ds.key(i), 'image_ext': 'png', 'image': data, 'label': ds.targets[i],
+            samples.append({'key': images.key(i), 'image_ext': images.ext, 'image': data, 'label': images.label(i),
                             'records': encode_records(rec)})
         path = os.path.join(out_dir, shard_name(s))
         with atomic_write(path) as f:
@@ -112,10 +265,11 @@ def write_fake_shards(ds: DigitsDataset, out_dir: str, num_samples: int, topk: i
     meta = {
         'schema_version': SCHEMA_VERSION,
         'teachers': [{'name': 'fake', 'weights': 'random top-k (benchmark)', 'mean': list(MEAN), 'std': list(STD),
-                      'input_size': [3, ds.img_size, ds.img_size], 'interpolation': 'bilinear'}],
+                      'input_size': [3, images.size, images.size], 'interpolation': 'bilinear'}],
         'augmentation': spec.to_dict(), 'topk': topk, 'num_samples': num_samples, 'num_classes': num_classes,
-        'class_names': list(ds.classes), 'seed': seed, 'dataset': {'name': 'digits', 'root': None, 'split': 'train'},
-        'num_images': len(ds), 'shards': shards, 'versions': software_versions(),
+        'class_names': list(images.classes), 'seed': seed,
+        'dataset': {'name': 'digits', 'root': None, 'split': 'train'},
+        'num_images': len(images), 'shards': shards, 'versions': software_versions(),
     }
     with atomic_write(os.path.join(out_dir, 'reinforce.json'), 'w') as f:
         json.dump(meta, f, indent=1)
@@ -126,75 +280,116 @@ def timed_epoch(loader: Iterable, set_epoch: Any, epoch: int) -> Dict[str, float
     if set_epoch is not None:
         set_epoch(epoch)
     n = 0
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     for batch in loader:
         n += int(batch[0].shape[0])
-    dt = time.perf_counter() - t0
-    return {'samples': n, 'seconds': dt, 'samples_per_s': n / dt}
+    dt, cpu = time.perf_counter() - t0, time.process_time() - c0
+    return {'samples': n, 'seconds': dt, 'samples_per_s': n / dt, 'cpu_seconds': cpu}
+
+
+def run_rounds(loaders: Dict[str, Tuple[Iterable, Any]], epochs: int) -> Dict[str, List[Dict[str, float]]]:
+    """One untimed warm-up epoch per loader, then ``epochs`` timed rounds, the loaders' order alternating (ABBA)."""
+    runs: Dict[str, List[Dict[str, float]]] = {k: [] for k in loaders}
+    names = list(loaders)
+    for epoch in range(epochs + 1):
+        for name in (names if epoch % 2 == 0 else names[::-1]):
+            loader, set_epoch = loaders[name]
+            r = timed_epoch(loader, set_epoch, epoch)
+            tag = 'warm-up' if epoch == 0 else f'epoch {epoch}'
+            _logger.info(f'{tag:>8} {name:>10}: {r["samples"]} samples in {r["seconds"]:.2f} s = '
+                         f'{r["samples_per_s"]:.0f} samples/s (process CPU {r["cpu_seconds"]:.2f} s)')
+            if epoch > 0:
+                runs[name].append(r)
+    return runs
+
+
+def summarise(runs: Dict[str, List[Dict[str, float]]], baseline: str, candidate: str) -> Dict[str, Any]:
+    """Samples/s per loader and the candidate / baseline ratios: of the totals and the median of per-round ratios."""
+    summary: Dict[str, Any] = {}
+    for name, rs in runs.items():
+        summary[name] = {'samples_per_s': sum(r['samples'] for r in rs) / sum(r['seconds'] for r in rs),
+                         'median_samples_per_s': statistics.median(r['samples_per_s'] for r in rs)}
+    pairs = list(zip(runs[baseline], runs[candidate]))
+    summary['ratio'] = summary[candidate]['samples_per_s'] / summary[baseline]['samples_per_s']
+    summary['paired_median_ratio'] = statistics.median(c['samples_per_s'] / b['samples_per_s'] for b, c in pairs)
+    # per-sample CPU time of the main process (meaningful with -j 0, where it does all the work)
+    summary['cpu_ratio'] = statistics.median((b['cpu_seconds'] / b['samples']) / (c['cpu_seconds'] / c['samples'])
+                                             for b, c in pairs)
+    return summary
+
+
+def build_timm_loader(folder: str, num_images: int, spec: AugmentSpec, args) -> Tuple[Any, str]:
+    """timm's loader over the image folder with the shards' augmentation family; (loader, auto_augment string)."""
+    from timm.data import ImageDataset, create_loader
+
+    timm_ds = ImageDataset(folder)
+    if len(timm_ds) != num_images:
+        raise RuntimeError(f'image folder {folder} holds {len(timm_ds)} images, expected {num_images}')
+    # timm does the same augmentation family the shards store (rrc+ra_re: RRC, flip, RandAugment n2 m9, RE 0.25)
+    auto_augment = f'rand-m{spec.ra_magnitude}-n{spec.ra_num_ops}-mstd0' if spec.ra_num_ops else None
+    loader = create_loader(
+        timm_ds, input_size=(3, args.img_size, args.img_size), batch_size=args.batch_size, is_training=True,
+        scale=tuple(spec.scale), ratio=tuple(spec.ratio), hflip=spec.hflip, color_jitter=0.0,
+        auto_augment=auto_augment, re_prob=spec.re_prob, re_mode='const', interpolation='bilinear', mean=MEAN,
+        std=STD, num_workers=args.workers, use_prefetcher=False, device=torch.device('cpu'),
+        persistent_workers=args.workers > 0)
+    return loader, auto_augment
+
+
+def build_rd_loader(rd_dir: str, meta: Dict[str, Any], num_classes: int, args, **variant) -> Any:
+    """The reinforced loader as train.py builds it; ``variant`` sets attributes of its dataset (benchmark switches)."""
+    loader = create_reinforced_loader(
+        rd_dir, meta, batch_size=args.batch_size, num_workers=args.workers,
+        input_size=(3, args.img_size, args.img_size), mean=MEAN, std=STD, interpolation='bilinear', rd_p=1.0,
+        rd_densify='smooth', fallback_transform=None, num_classes=num_classes, seed=args.seed, rank=0,
+        world_size=1, shuffle_buffer=args.shuffle_buffer, device='cpu', pin_memory=False)
+    for k, v in variant.items():
+        setattr(loader.dataset, k, v)
+    return loader
 
 
 def main(argv: List[str] = None) -> Dict[str, Any]:
     args = create_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format='%(message)s')
-    from timm.data import ImageDataset, create_loader
-
-    ds = DigitsDataset('train', img_size=args.digits_size)
+    images = BenchImages(args.digits_size, args.image_format, args.max_images)
+    num_classes = len(images.classes)
     work = args.work_dir or tempfile.mkdtemp(prefix='loader_throughput_')
-    folder = write_image_folder(ds, os.path.join(work, 'images'))
-    rd_dir = args.reinforced or write_fake_shards(ds, os.path.join(work, 'shards'), args.num_samples, args.topk,
+    rd_dir = args.reinforced or write_fake_shards(images, os.path.join(work, 'shards'), args.num_samples, args.topk,
                                                   args.shard_size, args.seed)
-    meta = check_reinforced(rd_dir, len(ds.classes))
-    input_size = (3, args.img_size, args.img_size)
-
-    rd_loader = create_reinforced_loader(
-        rd_dir, meta, batch_size=args.batch_size, num_workers=args.workers, input_size=input_size, mean=MEAN,
-        std=STD, interpolation='bilinear', rd_p=1.0, rd_densify='smooth', fallback_transform=None,
-        num_classes=len(ds.classes), seed=args.seed, rank=0, world_size=1, shuffle_buffer=args.shuffle_buffer,
-        device='cpu', pin_memory=False)
-    timm_ds = ImageDataset(folder)
-    if len(timm_ds) != len(ds):
-        raise RuntimeError(f'image folder {folder} holds {len(timm_ds)} images, expected {len(ds)}')
-    # timm does the same augmentation family the shards store (rrc+ra_re: RRC, flip, RandAugment n2 m9, RE 0.25)
+    meta = check_reinforced(rd_dir, num_classes)
     spec = AugmentSpec.from_dict(meta['augmentation'])
-    auto_augment = f'rand-m{spec.ra_magnitude}-n{spec.ra_num_ops}-mstd0' if spec.ra_num_ops else None
-    timm_loader = create_loader(
-        timm_ds, input_size=input_size, batch_size=args.batch_size, is_training=True, scale=tuple(spec.scale),
-        ratio=tuple(spec.ratio), hflip=spec.hflip, color_jitter=0.0, auto_augment=auto_augment,
-        re_prob=spec.re_prob, re_mode='const', interpolation='bilinear', mean=MEAN, std=STD,
-        num_workers=args.workers, use_prefetcher=False, device=torch.device('cpu'),
-        persistent_workers=args.workers > 0)
-    loaders = {'timm': (timm_loader, getattr(timm_loader.sampler, 'set_epoch', None)),
-               'reinforced': (rd_loader, rd_loader.set_epoch)}
-    runs: Dict[str, List[Dict[str, float]]] = {k: [] for k in loaders}
-    for epoch in range(args.epochs + 1):
-        for name, (loader, set_epoch) in loaders.items():
-            r = timed_epoch(loader, set_epoch, epoch)
-            tag = 'warm-up' if epoch == 0 else f'epoch {epoch}'
-            _logger.info(f'{tag:>8} {name:>10}: {r["samples"]} samples in {r["seconds"]:.2f} s = '
-                         f'{r["samples_per_s"]:.0f} samples/s')
-            if epoch > 0:
-                runs[name].append(r)
-    summary = {}
-    for name, rs in runs.items():
-        total_n = sum(r['samples'] for r in rs)
-        total_t = sum(r['seconds'] for r in rs)
-        summary[name] = {'samples_per_s': total_n / total_t,
-                         'median_samples_per_s': statistics.median(r['samples_per_s'] for r in rs)}
-    ratio = summary['reinforced']['samples_per_s'] / summary['timm']['samples_per_s']
+    setting = (f'{meta["num_images"]} images ({args.image_format}, {args.digits_size} px) at {args.img_size} px, '
+               f'batch {args.batch_size}, workers {args.workers}, stored augmentations {meta["num_samples"]} x '
+               f'top-{meta["topk"]}')
+    if args.compare_tar_readers:
+        baseline, candidate, target = 'webdataset', 'handwritten', '>= 1.10 would justify a hand-written reader'
+        loaders = {baseline: build_rd_loader(rd_dir, meta, num_classes, args),
+                   candidate: build_rd_loader(rd_dir, meta, num_classes, args, tar_members=handwritten_tar_members)}
+        loaders = {k: (v, v.set_epoch) for k, v in loaders.items()}
+    else:
+        baseline, candidate, target = 'timm', 'reinforced', '>= 1.0'
+        timm_loader, auto_augment = build_timm_loader(
+            write_image_folder(images, os.path.join(work, 'images')), meta['num_images'], spec, args)
+        rd_loader = build_rd_loader(rd_dir, meta, num_classes, args)
+        loaders = {baseline: (timm_loader, getattr(timm_loader.sampler, 'set_epoch', None)),
+                   candidate: (rd_loader, rd_loader.set_epoch)}
+        setting += f', augmentation {spec.name} (timm: auto_augment={auto_augment}, re_prob={spec.re_prob})'
+    runs = run_rounds(loaders, args.epochs)
+    summary = summarise(runs, baseline, candidate)
     result = {
-        'config': {k: v for k, v in vars(args).items()},
-        'num_images': len(ds),
+        'config': dict(vars(args)), 'setting': setting, 'num_images': meta['num_images'],
         'shard_bytes': sum(s['bytes'] for s in meta['shards']),
         'device': 'cpu', 'cpu_count': os.cpu_count(), 'torch_threads': torch.get_num_threads(),
-        'summary': summary, 'ratio_reinforced_over_timm': ratio, 'runs': runs, 'versions': software_versions(),
+        'summary': summary, f'ratio_{candidate}_over_{baseline}': summary['ratio'], 'runs': runs,
+        'versions': software_versions(),
     }
-    print(f'\nimages {len(ds)} at {args.img_size}px, batch {args.batch_size}, workers {args.workers}, '
-          f'augmentation {spec.name} (timm: auto_augment={auto_augment}, re_prob={spec.re_prob}), '
-          f'stored augmentations {meta["num_samples"]} x top-{meta["topk"]}')
-    for name in ('timm', 'reinforced'):
+    print(f'\n{setting}')
+    for name in (baseline, candidate):
         print(f'{name:>10}: {summary[name]["samples_per_s"]:8.0f} samples/s '
               f'(median epoch {summary[name]["median_samples_per_s"]:.0f})')
-    print(f'ratio reinforced / timm: {ratio:.2f} (target >= 1.0)')
+    print(f'ratio {candidate} / {baseline}: {summary["ratio"]:.3f} (paired median {summary["paired_median_ratio"]:.3f}'
+          + (f', per-sample CPU time {summary["cpu_ratio"]:.3f}' if args.workers == 0 else '')
+          + f'; target {target})')
     if args.output:
         with atomic_write(args.output, 'w') as f:
             json.dump(result, f, indent=2)

@@ -35,7 +35,7 @@ from dr.io import atomic_write, software_versions  # noqa: E402
 from dr.reinforce.augment import create_augment_spec  # noqa: E402
 from dr.reinforce.sources import create_source  # noqa: E402
 from dr.reinforce.teachers import create_teacher  # noqa: E402
-from dr.reinforce.writer import Reinforcer  # noqa: E402
+from dr.reinforce.writer import AugmentedImages, Reinforcer  # noqa: E402
 
 _logger = logging.getLogger('reinforce_throughput')
 
@@ -100,15 +100,15 @@ def main(argv=None) -> dict:
                                 shard_size=args.shard_size, num_classes=10, batch_size=args.batch_size,
                                 workers=args.workers, amp_dtype=amp_dtype, channels_last=args.channels_last,
                                 device=device, progress=False)
-            writer.captured = []
+            writer.batcher.captured = []
             if batches is None:  # warm up kernels / allocator on one batch so neither side pays for it
                 probe = _probe_item(writer)
-                writer._run_batch([(probe, probe, 0, 1)])
-                writer.captured = []
+                writer.batcher.run_batch([(probe, probe, 0, 1)])
+                writer.batcher.captured = []
             result = writer.run()
             writer_s.append(result['seconds'])
             busy.append(result['teacher_seconds'] / result['seconds'])
-            batches = writer.captured
+            batches = writer.batcher.captured
         finally:
             shutil.rmtree(out, ignore_errors=True)
         bare_s.append(bare(batches))
@@ -140,9 +140,8 @@ def main(argv=None) -> dict:
 
 def _probe_item(writer: Reinforcer) -> dict:
     """One augmented image through the worker-side code (for the warm-up batch)."""
-    from dr.reinforce.writer import _AugmentedImages
-    ds = _AugmentedImages(writer.source, [0], writer.spec, writer.dtype, writer.seed, writer.num_samples,
-                          writer.views, writer.num_classes)
+    ds = AugmentedImages(writer.source, [(0, 0)], writer.spec, writer.dtype, writer.seed, writer.num_samples,
+                         writer.batcher.views, writer.num_classes)
     return ds[0]
 
 

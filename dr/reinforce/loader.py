@@ -35,6 +35,7 @@ import multiprocessing as mp
 import os
 import random
 import struct
+import tarfile
 from bisect import bisect_right
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
@@ -44,7 +45,7 @@ import webdataset as wds
 from PIL import Image
 from torch.utils.data import DataLoader, get_worker_info
 from webdataset.shardlists import expand_urls
-from webdataset.tariterators import group_by_keys
+from webdataset.tariterators import group_by_keys, tar_file_iterator
 
 from ..io import sha256_file
 from .augment import AugmentSpec, apply_record_pil, re_pixel_box
@@ -250,120 +251,33 @@ def check_reinforced(
 # reading shards
 
 
-_BLOCK = 512
-_ZERO_BLOCK = bytes(_BLOCK)
+def tar_members(stream: Any, skip_samples: int = 0) -> Iterator[Tuple[str, bytes]]:
+    """``(name, data)`` of the regular files of a tar stream, in order, read with WebDataset's
+    ``tariterators.tar_file_iterator`` (Python's ``tarfile`` in stream mode); the members of the first
+    ``skip_samples`` samples (WebDataset keys: the basename up to its first dot) are read and dropped.
 
-
-class TarFormatError(ValueError):
-    """A tar stream that is truncated or whose headers do not check out."""
-
-
-def _tar_number(field: bytes, what: str, offset: int) -> int:
-    text = field.replace(b'\0', b' ').strip()
-    if not text:
-        return 0
-    if field[0] & 0x80:  # GNU base-256 (members > 8 GiB): not produced by reinforce.py
-        raise TarFormatError(f'unsupported base-256 {what} in the header at byte {offset}')
-    try:
-        return int(text, 8)
-    except ValueError:
-        raise TarFormatError(f'garbled {what} field {field!r} in the header at byte {offset}') from None
-
-
-def _pax_path(data: bytes) -> Optional[bytes]:
-    """The ``path`` record of a pax extended header (``"<len> path=<value>\\n"`` records)."""
-    pos = 0
-    while pos < len(data):
-        space = data.find(b' ', pos)
-        if space < 0:
-            break
-        length = int(data[pos:space])
-        key, _, value = data[space + 1:pos + length - 1].partition(b'=')
-        if key == b'path':
-            return value
-        pos += length
-    return None
-
-
-def iter_tar_members(stream: Any, skip_samples: int = 0) -> Iterator[Tuple[str, bytes]]:
-    """``(name, data)`` of the regular files of a tar stream, in order.
-
-    A strict, light reader for the ustar/pax/GNU archives reinforce.py (and ``tarfile``/``tar``) write: every header
-    checksum is verified and a short read anywhere is an error (Python's ``tarfile`` stream mode, which WebDataset's
-    iterators use, silently ends the archive at a corrupted header); ~10x less Python work per member. The members of
-    the first ``skip_samples`` samples (WebDataset keys: the basename up to its first dot) are passed over without
-    reading their data (``seek`` where the stream allows it).
-
-    Raises:
-        TarFormatError: truncated or corrupted archive (the message gives the byte offset).
+    ``tarfile``'s stream mode ends the archive quietly at a corrupted header: :class:`_ShardReader` checks every
+    shard's sample count against ``reinforce.json``, and (schema 2) every sample's digest, so that cannot go unnoticed.
     """
-    offset = 0
-    long_name: Optional[bytes] = None
-    pax_name: Optional[bytes] = None
-    seekable = bool(getattr(stream, 'seekable', lambda: False)())
     key, samples_seen = None, 0
-    while True:
-        header = stream.read(_BLOCK)
-        if not header:
-            return  # end of data without the end-of-archive blocks: the caller's sample count decides
-        if len(header) < _BLOCK:
-            raise TarFormatError(f'truncated header at byte {offset}')
-        if header == _ZERO_BLOCK:
-            return
-        stored = _tar_number(header[148:156], 'checksum', offset)
-        unsigned = sum(header) - sum(header[148:156]) + 8 * 32
-        signed = sum(struct.unpack_from('148b8x356b', header)) + 8 * 32
-        if stored not in (unsigned, signed):
-            raise TarFormatError(f'header checksum mismatch at byte {offset} (corrupted shard)')
-        size = _tar_number(header[124:136], 'size', offset)
-        typeflag = header[156:157]
-        name = header[:100].split(b'\0', 1)[0]
-        if header[257:262] == b'ustar':
-            prefix = header[345:500].split(b'\0', 1)[0]
-            if prefix:
-                name = prefix + b'/' + name
-        padded = (size + _BLOCK - 1) // _BLOCK * _BLOCK
-        offset += _BLOCK
-        regular = typeflag in (b'0', b'\0', b'7')
-        if regular:
-            name = long_name or pax_name or name
-            long_name = pax_name = None
-            member_key = name.rsplit(b'/', 1)[-1].split(b'.', 1)[0]
-            if member_key != key:
-                if key is not None:
-                    samples_seen += 1
-                key = member_key
-        if regular and samples_seen < skip_samples:
-            if seekable:
-                stream.seek(padded, os.SEEK_CUR)
-            else:
-                _read_exactly(stream, padded, offset, name)
-            offset += padded
-            continue
-        data = _read_exactly(stream, padded, offset, name)
-        offset += padded
-        if typeflag == b'L':
-            long_name = data[:size].rstrip(b'\0')
-        elif typeflag == b'x':
-            pax_name = _pax_path(data[:size])
-        elif regular:
-            yield name.decode('utf-8', 'replace'), data[:size]
-
-
-def _read_exactly(stream: Any, n: int, offset: int, name: bytes) -> bytes:
-    data = stream.read(n)
-    if len(data) < n:
-        raise TarFormatError(f'member {name.decode("utf-8", "replace")} truncated at byte {offset + len(data)} '
-                             f'({n - len(data)} bytes missing)')
-    return data
+    for member in tar_file_iterator(stream, skip_meta=None):
+        name = member['fname']
+        member_key = name.rsplit('/', 1)[-1].split('.', 1)[0]
+        if member_key != key:
+            if key is not None:
+                samples_seen += 1
+            key = member_key
+        if samples_seen >= skip_samples:
+            yield name, member['data']
 
 
 class _ShardReader:
-    """Streams the samples of one shard (WebDataset's ``gopen`` + :func:`iter_tar_members` + WebDataset's
+    """Streams the samples of one shard (WebDataset's ``gopen`` + :func:`tar_members` + WebDataset's
     ``group_by_keys``), naming the shard in every error."""
 
-    def __init__(self, url: str, where_flag: str = '--reinforced'):
+    def __init__(self, url: str, where_flag: str = '--reinforced', members: Callable = tar_members):
         self.url = url
+        self.members = members
         self.where_flag = where_flag
         self.member: Optional[str] = None
         self.stream = None
@@ -383,10 +297,10 @@ class _ShardReader:
 
     def _files(self, skip: int) -> Iterator[Dict[str, Any]]:
         try:
-            for name, data in iter_tar_members(self.stream, skip_samples=skip):
+            for name, data in self.members(self.stream, skip):
                 self.member = name
                 yield {'fname': name, 'data': data, '__url__': self.url}
-        except (TarFormatError, OSError, EOFError) as e:
+        except (tarfile.TarError, OSError, EOFError) as e:
             raise self._error(e) from e
 
     def samples(self, start: int, stop: int, count: int, check_count: bool = True) -> Iterator[Dict[str, Any]]:
@@ -700,6 +614,7 @@ class ReinforcedShards(torch.utils.data.IterableDataset):
         self.num_workers = max(1, int(num_workers))
         self.shuffle_buffer = int(shuffle_buffer)
         self.where_flag = where_flag
+        self.tar_members: Callable = tar_members  # the tar reader (benchmarks/loader_throughput.py swaps it)
         self.num_images = sum(c for _, c in self.shards)
         self._epoch = mp.Value('i', 0)  # shared with (persistent) workers, as timm's SharedCount
         self._decoder = SampleDecoder(self.meta, where_flag)
@@ -727,7 +642,7 @@ class ReinforcedShards(torch.utils.data.IterableDataset):
 
     def _read(self, pieces: Iterator[Tuple[str, int, int, int, int]]) -> Iterator[Dict[str, Any]]:
         for url, start, stop, count, pass_index in pieces:
-            for sample in _ShardReader(url, self.where_flag).samples(start, stop, count):
+            for sample in _ShardReader(url, self.where_flag, self.tar_members).samples(start, stop, count):
                 sample['__pass__'] = pass_index
                 yield sample
 

@@ -1,19 +1,22 @@
-"""Writing, verifying and inspecting reinforced datasets (the library behind ``reinforce.py``).
+"""The reinforcement job behind ``reinforce.py``: plan the shards, build the pieces, run the teacher, merge.
 
-Writer design:
+The job is three named pieces wired by :class:`Reinforcer`:
 
-* Images are assigned to global shards by index (shard ``s`` holds images ``[s * shard_size, (s + 1) * shard_size)``
-  of the dataset order); rank ``r`` of ``W`` writes shards ``r, r + W, ...``. Augmentation parameters of image ``i``
-  come from ``numpy.random.default_rng([seed, i])`` and teacher batches never span shards, so a shard's bytes depend
-  only on the configuration and its index: not on world size, worker count or resumption.
-* Data-loader workers decode each image once, sample its records and run the PIL stages of the augmentations
-  (uint8 tensors, one per distinct member resolution); the main process normalises, erases, batches augmentations of
-  several images together and runs the teacher ensemble (AMP / channels-last optional).
-* A finished shard is written to a temporary name, fsynced and renamed, then its ``.NNNNNN.json`` sidecar (count,
-  sha256, sizes, configuration) is written the same way. A rerun skips shards whose sidecar matches the
-  configuration and whose sha256 verifies, and redoes the others. Rank 0 merges the sidecars into ``reinforce.json``.
+* :class:`ShardPlan` (what goes where): shard ``s`` holds positions ``[s * shard_size, (s + 1) * shard_size)`` of the
+  image order; rank ``r`` of ``W`` writes shards ``r, r + W, ...``. Augmentation parameters of image ``i`` come from
+  ``numpy.random.default_rng([seed, i])`` and teacher batches never span shards, so a shard's bytes depend only on the
+  configuration and its index: not on world size, worker count or resumption.
+* :class:`ShardStore` (the output directory): a finished shard is written to a temporary name, fsynced and renamed,
+  then its ``.NNNNNN.json`` sidecar (count, sha256, sizes, configuration) is written the same way. A rerun skips shards
+  whose sidecar matches the configuration and whose sha256 verifies, and redoes the others; an output directory of
+  another configuration is refused. Rank 0 merges the sidecars into ``reinforce.json``.
+* :class:`TeacherBatcher` (the main process's work): data-loader workers (:class:`AugmentedImages`) decode each image
+  once, sample its records and run the PIL stages of the augmentations (uint8 tensors, one per distinct member
+  resolution); the batcher normalises, erases, batches augmentations of several images together and runs the teacher
+  ensemble (AMP / channels-last optional) as soon as a batch is full.
 """
 import concurrent.futures
+import dataclasses
 import datetime
 import hashlib
 import json
@@ -21,11 +24,12 @@ import logging
 import math
 import os
 import time
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
 
 from ..io import atomic_write, sha256_file, software_versions
 from .augment import (
@@ -52,15 +56,13 @@ _logger = logging.getLogger(__name__)
 
 CRASH_ENV = 'DR_REINFORCE_CRASH_AFTER_SHARDS'  # test hook: die (os._exit) while writing the shard after k shards
 
+View = Tuple[Tuple[int, int], str]  # (output (h, w), interpolation) of one uint8 augmentation tensor
+Slice = Tuple[Dict[str, Any], Dict[str, Any], int, int]  # (image entry, loader chunk, offset, count) in a batch
 
-# ----------------------------------------------------------------------------------------------------------------
-# image sources: (key, extension, original bytes, label) by global index
-# ----------------------------------------------------------------------------------------------------------------
 
 def image_rng(seed: int, index: int) -> np.random.Generator:
     """The generator of image ``index``'s augmentations (independent of rank, worker and resume)."""
     return np.random.default_rng([int(seed), int(index)])
-
 
 
 def rank_shards(num_shards: int, rank: int, world_size: int) -> List[int]:
@@ -72,51 +74,17 @@ def sidecar_name(index: int) -> str:
     return f'.{int(index):06d}.json'
 
 
-def _identity(x):
-    return x
-
-
-def _worker_init(_):
-    torch.set_num_threads(1)
-
-
-class _AugmentedImages(Dataset):
-    """Worker side: chunk ``pos`` = (image, range of its stored samples) -> uint8 augmentations of that range.
-
-    Every chunk re-derives the image's full record array from ``image_rng(seed, index)`` (cheap) and augments only its
-    range, so a chunk's content does not depend on the chunking; the first chunk of an image also carries the
-    original bytes, label and records. Chunks bound the memory in flight (``num_samples`` may be thousands).
-    """
-
-    def __init__(self, source: ImageSource, indices: Sequence[int], spec: AugmentSpec, dtype: np.dtype, seed: int,
-                 num_samples: int, views: Sequence[Tuple[Tuple[int, int], str]], num_classes: int,
-                 samples_per_item: int = 0):
-        self.source, self.spec, self.dtype = source, spec, dtype
-        self.seed, self.num_samples, self.views, self.num_classes = seed, num_samples, list(views), num_classes
-        step = samples_per_item if samples_per_item > 0 else num_samples
-        self.chunks = [(int(i), a, min(step, num_samples - a)) for i in indices for a in range(0, num_samples, step)]
-
-    def __len__(self) -> int:
-        return len(self.chunks)
-
-    def __getitem__(self, pos: int) -> Dict[str, Any]:
-        index, start, count = self.chunks[pos]
-        src = self.source.get(index)
-        if not 0 <= src.label < self.num_classes:
-            raise ValueError(f'image {index} (key {src.key}): label {src.label} outside 0..{self.num_classes - 1} '
-                             f'(check --num-classes)')
-        try:
-            img = decode_image(src.data)
-        except Exception as e:
-            raise ValueError(f'image {index} (key {src.key}): cannot decode ({e})') from e
-        records = sample_records(image_rng(self.seed, index), img.width, img.height, self.spec, self.num_samples,
-                                 self.dtype)
-        part = records[start:start + count]
-        out = {'index': index, 'start': start, 'count': count,
-               'views': [augment_uint8(img, part, self.spec, size, interp) for size, interp in self.views]}
-        if start == 0:
-            out.update(key=src.key, ext=src.ext, image=src.data, label=src.label, records=records)
-        return out
+def teacher_views(member_cfgs: Sequence[Dict[str, Any]]) -> Tuple[List[View], List[int]]:
+    """Distinct (size, interpolation) views of the ensemble members and each member's view index: members sharing
+    a view share one uint8 augmentation tensor."""
+    views: List[View] = []
+    member_view: List[int] = []
+    for cfg in member_cfgs:
+        view = ((int(cfg['input_size'][1]), int(cfg['input_size'][2])), cfg['interpolation'])
+        if view not in views:
+            views.append(view)
+        member_view.append(views.index(view))
+    return views, member_view
 
 
 def _flatten(d: Any, prefix: str = '') -> Dict[str, Any]:
@@ -134,8 +102,350 @@ def config_differences(a: Dict[str, Any], b: Dict[str, Any]) -> List[str]:
     return [f'{k}: {fa.get(k)!r} != {fb.get(k)!r}' for k in sorted(set(fa) | set(fb)) if fa.get(k) != fb.get(k)]
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# plan: which images go into which shard
+# ----------------------------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class ShardPlan:
+    """Images -> shards: shard ``s`` holds positions ``[s * shard_size, (s + 1) * shard_size)`` of ``order`` (the
+    source dataset index stored at each position)."""
+    order: np.ndarray
+    shard_size: int
+
+    @property
+    def num_images(self) -> int:
+        return len(self.order)
+
+    @property
+    def num_shards(self) -> int:
+        return math.ceil(self.num_images / self.shard_size)
+
+    def shard_range(self, index: int) -> Tuple[int, int]:
+        """Positions ``[lo, hi)`` of shard ``index``."""
+        return index * self.shard_size, min((index + 1) * self.shard_size, self.num_images)
+
+    def shard_of(self, position: int) -> int:
+        return position // self.shard_size
+
+    def indices(self, shards: Sequence[int]) -> List[Tuple[int, int]]:
+        """(position, source index) of every image of ``shards``, in writing order."""
+        return [(p, int(self.order[p])) for s in shards for p in range(*self.shard_range(s))]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# workers: augmentations of each image
+# ----------------------------------------------------------------------------------------------------------------
+
+def _identity(x):
+    return x
+
+
+def _worker_init(_):
+    torch.set_num_threads(1)
+
+
+class AugmentedImages(Dataset):
+    """Worker side: chunk ``pos`` = (image, range of its stored samples) -> uint8 augmentations of that range.
+
+    Every chunk re-derives the image's full record array from ``image_rng(seed, index)`` (cheap) and augments only its
+    range, so a chunk's content does not depend on the chunking; the first chunk of an image also carries the
+    original bytes, label and records. Chunks bound the memory in flight (``num_samples`` may be thousands).
+
+    Args:
+        items: (position, source index) per image, in writing order.
+    """
+
+    def __init__(self, source: ImageSource, items: Sequence[Tuple[int, int]], spec: AugmentSpec, dtype: np.dtype,
+                 seed: int, num_samples: int, views: Sequence[View], num_classes: int, samples_per_item: int = 0):
+        self.source, self.spec, self.dtype = source, spec, dtype
+        self.seed, self.num_samples, self.views, self.num_classes = seed, num_samples, list(views), num_classes
+        step = samples_per_item if samples_per_item > 0 else num_samples
+        self.chunks = [(int(p), int(i), a, min(step, num_samples - a))
+                       for p, i in items for a in range(0, num_samples, step)]
+
+    def __len__(self) -> int:
+        return len(self.chunks)
+
+    def __getitem__(self, pos: int) -> Dict[str, Any]:
+        position, index, start, count = self.chunks[pos]
+        src = self.source.get(index)
+        if not 0 <= src.label < self.num_classes:
+            raise ValueError(f'image {index} (key {src.key}): label {src.label} outside 0..{self.num_classes - 1} '
+                             f'(check --num-classes)')
+        try:
+            img = decode_image(src.data)
+        except Exception as e:
+            raise ValueError(f'image {index} (key {src.key}): cannot decode ({e})') from e
+        records = sample_records(image_rng(self.seed, index), img.width, img.height, self.spec, self.num_samples,
+                                 self.dtype)
+        part = records[start:start + count]
+        out = {'position': position, 'index': index, 'start': start, 'count': count,
+               'views': [augment_uint8(img, part, self.spec, size, interp) for size, interp in self.views]}
+        if start == 0:
+            out.update(key=src.key, ext=src.ext, image=src.data, label=src.label, records=records)
+        return out
+
+
+def create_augment_loader(dataset: AugmentedImages, workers: int, pin_memory: bool) -> DataLoader:
+    """The data loader producing ``dataset``'s chunks in order (one item at a time, no collation)."""
+    return DataLoader(
+        dataset, batch_size=None, shuffle=False, num_workers=workers, collate_fn=_identity,
+        worker_init_fn=_worker_init if workers else None, prefetch_factor=2 if workers else None,
+        pin_memory=pin_memory, persistent_workers=False)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# main process: teacher batches
+# ----------------------------------------------------------------------------------------------------------------
+
+class TeacherBatcher:
+    """Batches augmentations of several images and fills their records' ``ids``/``probs`` with the teacher's top-k.
+
+    Batches are a fixed greedy partition of a shard's augmentations in (image, sample) order, flushed at the shard end
+    by :meth:`flush`: their composition depends only on the shard, not on the chunking.
+    """
+
+    def __init__(self, teacher, spec: AugmentSpec, *, batch_size: int, topk: int, ids_dtype: np.dtype,
+                 device: torch.device, amp_dtype: Optional[torch.dtype] = None, channels_last: bool = False):
+        self.teacher, self.spec = teacher, spec
+        self.batch_size, self.topk, self.ids_dtype = int(batch_size), int(topk), ids_dtype
+        self.device, self.amp_dtype, self.channels_last = device, amp_dtype, channels_last
+        self.views, self.member_view = teacher_views(teacher.member_cfgs)
+        self.captured: Optional[List[List[torch.Tensor]]] = None  # benchmarks/tests: keep the teacher inputs
+        self.seconds = 0.0  # main-process time in teacher batches (input prep, forward, top-k)
+        self._pending: List[Slice] = []
+        self._filled = 0
+
+    def teacher_inputs(self, views_u8: Sequence[torch.Tensor], records: np.ndarray) -> List[torch.Tensor]:
+        """Normalised (and erased) teacher inputs, one per member, from the uint8 views of ``records``."""
+        erase = None
+        if self.spec.has_ra_re:
+            erase = (records['flags'] & FLAG_ERASE) > 0
+        on_device = [v.to(self.device, non_blocking=True) for v in views_u8]
+        out = []
+        for m, cfg in enumerate(self.teacher.member_cfgs):
+            x = normalize_uint8(on_device[self.member_view[m]], cfg['mean'], cfg['std'])
+            if erase is not None and erase.any():
+                x.masked_fill_(erase_mask(records['re_box'], erase, x.shape[-2], x.shape[-1], device=x.device), 0)
+            if self.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            out.append(x)
+        return out
+
+    @torch.inference_mode()
+    def run_batch(self, slices: List[Slice]) -> None:
+        """Teacher top-k for a batch of augmentation slices ``(image entry, loader chunk, offset, count)``."""
+        t0 = time.perf_counter()
+        views = [torch.cat([ch['views'][v][o:o + c] for _, ch, o, c in slices]) for v in range(len(self.views))]
+        records = np.concatenate([e['records'][ch['start'] + o:ch['start'] + o + c] for e, ch, o, c in slices])
+        inputs = self.teacher_inputs(views, records)
+        if self.captured is not None:
+            self.captured.append(inputs)
+        if self.amp_dtype is not None:
+            with torch.autocast(device_type=self.device.type, dtype=self.amp_dtype):
+                probs = self.teacher.forward_members(inputs)
+        else:
+            probs = self.teacher.forward_members(inputs)
+        top_p, top_i = probs.float().topk(self.topk, dim=-1)
+        top_p = top_p.half().cpu().numpy()
+        top_i = top_i.cpu().numpy().astype(self.ids_dtype)
+        n = 0
+        for e, ch, o, c in slices:
+            a = ch['start'] + o
+            e['records']['ids'][a:a + c] = top_i[n:n + c]
+            e['records']['probs'][a:a + c] = top_p[n:n + c]
+            n += c
+            if o + c == ch['count']:
+                ch['views'] = None  # this chunk is done: free its pixels
+        self.seconds += time.perf_counter() - t0  # .cpu() above synchronised the device
+
+    def add(self, entry: Dict[str, Any], chunk: Dict[str, Any]) -> None:
+        """Queue a chunk's augmentations; run the teacher on every full batch at once (so the loader workers keep
+        augmenting meanwhile)."""
+        offset = 0
+        while offset < chunk['count']:
+            c = min(chunk['count'] - offset, self.batch_size - self._filled)
+            self._pending.append((entry, chunk, offset, c))
+            offset += c
+            self._filled += c
+            if self._filled == self.batch_size:
+                self.flush()
+
+    def flush(self) -> None:
+        """Run the teacher on the queued augmentations (the end of a shard)."""
+        if self._pending:
+            self.run_batch(self._pending)
+        self._pending, self._filled = [], 0
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the output directory
+# ----------------------------------------------------------------------------------------------------------------
+
+class ShardStore:
+    """The output directory: shards, their sidecars, resume checks and the merged ``reinforce.json``.
+
+    Args:
+        output: the directory.
+        config: everything that determines shard contents (JSON-normalised); compared on resume.
+    """
+
+    def __init__(self, output: str, config: Dict[str, Any]):
+        self.output = output
+        self.config = config
+        self.written = 0  # shards written by this process (crash test hook)
+
+    def path(self, index: int) -> str:
+        return os.path.join(self.output, shard_name(index))
+
+    def sidecar_path(self, index: int) -> str:
+        return os.path.join(self.output, sidecar_name(index))
+
+    def check_config(self) -> None:
+        """Refuse an output directory holding shards of another configuration.
+
+        Raises:
+            ValueError: naming ``--output`` and the sidecar/reinforce.json whose configuration differs.
+        """
+        if not os.path.isdir(self.output):
+            return
+        candidates = [n for n in os.listdir(self.output) if n.startswith('.') and n.endswith('.json')
+                      and n[1:7].isdigit() and len(n) == len('.000000.json')]
+        paths = [os.path.join(self.output, n) for n in sorted(candidates)]
+        meta_path = os.path.join(self.output, META_NAME)
+        if os.path.isfile(meta_path):
+            paths.insert(0, meta_path)
+        for path in paths:
+            try:
+                with open(path) as f:
+                    other = json.load(f).get('config')
+            except (OSError, ValueError, AttributeError):
+                _logger.warning(f'Ignoring unreadable {path}')
+                continue
+            if other is None:
+                raise ValueError(f'--output {self.output}: {path} was not written by this version of reinforce.py; '
+                                 f'use another --output')
+            diffs = config_differences(other, self.config)
+            if diffs:
+                raise ValueError(
+                    f'--output {self.output} holds shards from a different configuration ({path}): '
+                    + '; '.join(diffs[:8]) + ('; ...' if len(diffs) > 8 else '')
+                    + '. Use another --output or delete the old shards.')
+
+    def known_info(self, index: int) -> Optional[Dict[str, Any]]:
+        """Shard ``index``'s sidecar when it was written for this configuration."""
+        try:
+            with open(self.sidecar_path(index)) as f:
+                info = json.load(f)
+        except (OSError, ValueError):
+            return None
+        return info if info.get('config') == self.config else None
+
+    def is_complete(self, index: int, count: int) -> Tuple[bool, str]:
+        """Whether shard ``index`` exists with a matching sidecar, ``count`` images and verified sha256 (and why
+        not)."""
+        path = self.path(index)
+        if not os.path.isfile(path):
+            return False, 'missing'
+        info = self.known_info(index)
+        if info is None:
+            return False, 'no matching sidecar (interrupted write?)'
+        if info.get('count') != count:
+            return False, 'image count differs'
+        if os.path.getsize(path) != info.get('bytes'):
+            return False, 'size differs from its sidecar'
+        if sha256_file(path) != info.get('sha256'):
+            return False, 'sha256 differs from its sidecar'
+        return True, 'complete'
+
+    def clean_stale(self, indices: Sequence[int]) -> None:
+        """Remove temporary files of interrupted writes of shards ``indices`` and their sidecars."""
+        names = {shard_name(i) for i in indices} | {sidecar_name(i).lstrip('.') for i in indices}
+        for n in os.listdir(self.output):
+            if n.startswith('.') and n.endswith('.tmp') and n[1:].split('.tar.')[0] + '.tar' in names:
+                os.unlink(os.path.join(self.output, n))
+            elif n.startswith('..') and n.endswith('.tmp') and n[2:].split('.json.')[0] + '.json' in names:
+                os.unlink(os.path.join(self.output, n))
+
+    def write(self, index: int, items: List[Dict[str, Any]], num_samples: int) -> Dict[str, Any]:
+        """Write shard ``index`` (its images' entries, in order) and then its sidecar; return the sidecar."""
+        samples = [{'key': it['key'], 'image_ext': it['ext'], 'image': it['image'], 'label': it['label'],
+                    'records': encode_records(it['records'])} for it in items]
+        data = build_shard(samples)
+        crash_after = os.environ.get(CRASH_ENV)
+        with atomic_write(self.path(index), 'wb') as f:
+            f.write(data)
+        if crash_after is not None and self.written >= int(crash_after):
+            # test hook: the shard file is in place but its sidecar is not, and a stray temp file is left behind
+            with open(os.path.join(self.output, f'.{shard_name(index)}.crash.tmp'), 'wb') as f:
+                f.write(data[:len(data) // 2])
+            os._exit(17)
+        info = {
+            'name': shard_name(index),
+            'index': index,
+            'count': len(items),
+            'sha256': hashlib.sha256(data).hexdigest(),
+            'bytes': len(data),
+            'image_bytes': sum(len(it['image']) for it in items),
+            'first_image': items[0]['index'],
+            'label_correct': int(sum(int((it['records']['ids'][:, 0] == it['label']).sum()) for it in items)),
+            'augmentations': len(items) * num_samples,
+            'config': self.config,
+        }
+        with atomic_write(self.sidecar_path(index), 'w') as f:
+            json.dump(info, f, indent=1)
+        self.written += 1
+        return info
+
+    def merge(self, num_shards: int, fields: Dict[str, Any], num_augmentations: int) -> Dict[str, Any]:
+        """Gather the sidecars of shards ``0 .. num_shards - 1`` into ``reinforce.json`` (atomically).
+
+        Args:
+            fields: the dataset-level entries of reinforce.json (teachers, augmentation, ...).
+            num_augmentations: images x stored augmentations (for the per-augmentation figures).
+
+        Raises:
+            RuntimeError: naming the first shard without a matching sidecar.
+        """
+        shards, label_correct = [], 0
+        for s in range(num_shards):
+            info = self.known_info(s)
+            path = self.path(s)
+            if info is None or not os.path.isfile(path) or os.path.getsize(path) != info['bytes']:
+                raise RuntimeError(f'shard {shard_name(s)} in {self.output} is not complete; rerun reinforce.py with '
+                                   f'the same arguments to finish it')
+            shards.append({k: info[k] for k in ('name', 'count', 'sha256', 'bytes', 'image_bytes')})
+            label_correct += info['label_correct']
+        total = sum(s['bytes'] for s in shards)
+        image_bytes = sum(s['image_bytes'] for s in shards)
+        augs = num_augmentations
+        meta = {
+            'schema_version': SCHEMA_VERSION,
+            **fields,
+            'shards': shards,
+            'teacher_label_agreement': label_correct / augs if augs else 0.0,
+            'total_bytes': total,
+            'bytes_per_augmentation': (total - image_bytes) / augs if augs else 0.0,
+            'versions': software_versions(),
+            'created': datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'),
+            'config': self.config,
+        }
+        with atomic_write(os.path.join(self.output, META_NAME), 'w') as f:
+            json.dump(meta, f, indent=1)
+        return meta
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the job
+# ----------------------------------------------------------------------------------------------------------------
+
 class Reinforcer:
     """Writes this rank's shards of a reinforced dataset and (rank 0) merges ``reinforce.json``.
+
+    ``run()`` reads plan -> build -> stream: :meth:`plan_shards` (this rank's incomplete shards),
+    :meth:`build_loader` (the augmenting data loader over their images), :meth:`stream` (teacher batches, shards
+    written by a background thread as they complete).
 
     Args:
         source: the images.
@@ -188,30 +498,30 @@ class Reinforcer:
             raise ValueError('--num-samples, --shard-size and --batch-size must be >= 1')
         self.source, self.teacher, self.spec, self.output = source, teacher, spec, output
         self.num_samples, self.topk, self.seed = int(num_samples), int(topk), int(seed)
-        self.shard_size, self.num_classes = int(shard_size), int(num_classes)
-        self.batch_size, self.workers = int(batch_size), int(workers)
-        self.amp_dtype, self.channels_last = amp_dtype, channels_last
+        self.num_classes, self.workers = int(num_classes), int(workers)
         self.device = torch.device(device)
         self.rank, self.world_size = rank, world_size
         self.dataset_info = dict(dataset_info or {'name': source.name})
         self.progress = progress
         self.samples_per_item = int(samples_per_item)
         self.dtype = record_dtype(self.topk, self.num_classes, spec.name)
-        self.num_images = len(source)
-        self.num_shards = math.ceil(self.num_images / self.shard_size)
-        # members sharing (size, interpolation) share one uint8 augmentation tensor
-        self.views: List[Tuple[Tuple[int, int], str]] = []
-        self.member_view: List[int] = []
-        for cfg in teacher.member_cfgs:
-            view = ((int(cfg['input_size'][1]), int(cfg['input_size'][2])), cfg['interpolation'])
-            if view not in self.views:
-                self.views.append(view)
-            self.member_view.append(self.views.index(view))
-        self.captured: Optional[List[List[torch.Tensor]]] = None  # benchmarks: keep the teacher inputs
-        self._written = 0
-        self.teacher_seconds = 0.0  # main-process time in teacher batches (input prep, forward, top-k)
+        self.plan = ShardPlan(np.arange(len(source), dtype=np.int64), int(shard_size))
+        self.batcher = TeacherBatcher(teacher, spec, batch_size=batch_size, topk=self.topk,
+                                      ids_dtype=self.dtype['ids'].base, device=self.device, amp_dtype=amp_dtype,
+                                      channels_last=channels_last)
+        self.store = ShardStore(output, json.loads(json.dumps(self.content_config())))
 
-    # -- configuration ----------------------------------------------------------------------------------------
+    @property
+    def num_images(self) -> int:
+        return self.plan.num_images
+
+    @property
+    def num_shards(self) -> int:
+        return self.plan.num_shards
+
+    def shard_range(self, index: int) -> Tuple[int, int]:
+        return self.plan.shard_range(index)
+
     def content_config(self) -> Dict[str, Any]:
         """Everything that determines shard contents (compared on resume)."""
         teachers = []
@@ -231,237 +541,79 @@ class Reinforcer:
             'topk': self.topk,
             'num_classes': self.num_classes,
             'seed': self.seed,
-            'shard_size': self.shard_size,
+            'shard_size': self.plan.shard_size,
             'record_dtype': self.dtype.descr,
         }
 
-    def shard_range(self, index: int) -> Tuple[int, int]:
-        return index * self.shard_size, min((index + 1) * self.shard_size, self.num_images)
-
-    def _normalised_config(self) -> Dict[str, Any]:
-        return json.loads(json.dumps(self.content_config()))
-
     def check_output(self) -> None:
-        """Refuse an output directory holding shards of another configuration.
+        """Refuse an output directory holding shards of another configuration (see ``ShardStore.check_config``)."""
+        self.store.check_config()
 
-        Raises:
-            ValueError: naming ``--output`` and the sidecar/reinforce.json whose configuration differs.
-        """
-        if not os.path.isdir(self.output):
-            return
-        mine = self._normalised_config()
-        candidates = [n for n in os.listdir(self.output) if n.startswith('.') and n.endswith('.json')
-                      and n[1:7].isdigit() and len(n) == len('.000000.json')]
-        paths = [os.path.join(self.output, n) for n in sorted(candidates)]
-        meta_path = os.path.join(self.output, META_NAME)
-        if os.path.isfile(meta_path):
-            paths.insert(0, meta_path)
-        for path in paths:
-            try:
-                with open(path) as f:
-                    other = json.load(f).get('config')
-            except (OSError, ValueError, AttributeError):
-                _logger.warning(f'Ignoring unreadable {path}')
-                continue
-            if other is None:
-                raise ValueError(f'--output {self.output}: {path} was not written by this version of reinforce.py; '
-                                 f'use another --output')
-            diffs = config_differences(other, mine)
-            if diffs:
-                raise ValueError(
-                    f'--output {self.output} holds shards from a different configuration ({path}): '
-                    + '; '.join(diffs[:8]) + ('; ...' if len(diffs) > 8 else '')
-                    + '. Use another --output or delete the old shards.')
-
-    def _known_info(self, index: int) -> Optional[Dict[str, Any]]:
-        path = os.path.join(self.output, sidecar_name(index))
-        try:
-            with open(path) as f:
-                info = json.load(f)
-        except (OSError, ValueError):
-            return None
-        return info if info.get('config') == self._normalised_config() else None
-
-    def is_complete(self, index: int) -> Tuple[bool, str]:
-        """Whether shard ``index`` exists with a matching sidecar and verified sha256 (and why not)."""
-        path = os.path.join(self.output, shard_name(index))
-        if not os.path.isfile(path):
-            return False, 'missing'
-        info = self._known_info(index)
-        if info is None:
-            return False, 'no matching sidecar (interrupted write?)'
-        lo, hi = self.shard_range(index)
-        if info.get('count') != hi - lo:
-            return False, 'image count differs'
-        if os.path.getsize(path) != info.get('bytes'):
-            return False, 'size differs from its sidecar'
-        if sha256_file(path) != info.get('sha256'):
-            return False, 'sha256 differs from its sidecar'
-        return True, 'complete'
-
-    def _clean_stale(self, indices: Sequence[int]) -> None:
-        names = {shard_name(i) for i in indices} | {sidecar_name(i).lstrip('.') for i in indices}
-        for n in os.listdir(self.output):
-            if n.startswith('.') and n.endswith('.tmp') and n[1:].split('.tar.')[0] + '.tar' in names:
-                os.unlink(os.path.join(self.output, n))
-            elif n.startswith('..') and n.endswith('.tmp') and n[2:].split('.json.')[0] + '.json' in names:
-                os.unlink(os.path.join(self.output, n))
-
-    # -- teacher ------------------------------------------------------------------------------------------------
-    def teacher_inputs(self, views_u8: Sequence[torch.Tensor], records: np.ndarray) -> List[torch.Tensor]:
-        """Normalised (and erased) teacher inputs, one per member, from the uint8 views of ``records``."""
-        erase = None
-        if self.spec.has_ra_re:
-            erase = (records['flags'] & FLAG_ERASE) > 0
-        on_device = [v.to(self.device, non_blocking=True) for v in views_u8]
-        out = []
-        for m, cfg in enumerate(self.teacher.member_cfgs):
-            x = normalize_uint8(on_device[self.member_view[m]], cfg['mean'], cfg['std'])
-            if erase is not None and erase.any():
-                x.masked_fill_(erase_mask(records['re_box'], erase, x.shape[-2], x.shape[-1], device=x.device), 0)
-            if self.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            out.append(x)
-        return out
-
-    @torch.inference_mode()
-    def _run_batch(self, slices: List[Tuple[Dict[str, Any], Dict[str, Any], int, int]]) -> None:
-        """Teacher top-k for a batch of augmentation slices ``(image entry, loader chunk, offset, count)``."""
-        t0 = time.perf_counter()
-        views = [torch.cat([ch['views'][v][o:o + c] for _, ch, o, c in slices]) for v in range(len(self.views))]
-        records = np.concatenate([e['records'][ch['start'] + o:ch['start'] + o + c] for e, ch, o, c in slices])
-        inputs = self.teacher_inputs(views, records)
-        if self.captured is not None:
-            self.captured.append(inputs)
-        if self.amp_dtype is not None:
-            with torch.autocast(device_type=self.device.type, dtype=self.amp_dtype):
-                probs = self.teacher.forward_members(inputs)
-        else:
-            probs = self.teacher.forward_members(inputs)
-        top_p, top_i = probs.float().topk(self.topk, dim=-1)
-        top_p = top_p.half().cpu().numpy()
-        top_i = top_i.cpu().numpy().astype(self.dtype['ids'].base)
-        n = 0
-        for e, ch, o, c in slices:
-            a = ch['start'] + o
-            e['records']['ids'][a:a + c] = top_i[n:n + c]
-            e['records']['probs'][a:a + c] = top_p[n:n + c]
-            n += c
-            if o + c == ch['count']:
-                ch['views'] = None  # this chunk is done: free its pixels
-        self.teacher_seconds += time.perf_counter() - t0  # .cpu() above synchronised the device
-
-    def _add_to_batches(self, entry: Dict[str, Any], chunk: Dict[str, Any],
-                        pending: List[Tuple[Dict[str, Any], Dict[str, Any], int, int]], filled: int) -> int:
-        """Queue a chunk's augmentations; run the teacher on every full batch of ``batch_size`` at once (so the
-        loader workers keep augmenting meanwhile). Returns the new fill level of ``pending``.
-
-        Batches are a fixed greedy partition of the shard's augmentations in (image, sample) order, flushed at the
-        shard end by ``_flush_batches``: their composition depends only on the shard, not on the chunking.
-        """
-        offset = 0
-        while offset < chunk['count']:
-            c = min(chunk['count'] - offset, self.batch_size - filled)
-            pending.append((entry, chunk, offset, c))
-            offset += c
-            filled += c
-            if filled == self.batch_size:
-                self._run_batch(pending)
-                pending.clear()
-                filled = 0
-        return filled
-
-    def _flush_batches(self, pending: List[Tuple[Dict[str, Any], Dict[str, Any], int, int]]) -> None:
-        if pending:
-            self._run_batch(pending)
-            pending.clear()
-
-    # -- shard output -----------------------------------------------------------------------------------------
-    def _write_shard(self, index: int, items: List[Dict[str, Any]]) -> Dict[str, Any]:
-        samples = [{'key': it['key'], 'image_ext': it['ext'], 'image': it['image'], 'label': it['label'],
-                    'records': encode_records(it['records'])} for it in items]
-        data = build_shard(samples)
-        path = os.path.join(self.output, shard_name(index))
-        crash_after = os.environ.get(CRASH_ENV)
-        with atomic_write(path, 'wb') as f:
-            f.write(data)
-        if crash_after is not None and self._written >= int(crash_after):
-            # test hook: the shard file is in place but its sidecar is not, and a stray temp file is left behind
-            with open(os.path.join(self.output, f'.{shard_name(index)}.crash.tmp'), 'wb') as f:
-                f.write(data[:len(data) // 2])
-            os._exit(17)
-        info = {
-            'name': shard_name(index),
-            'index': index,
-            'count': len(items),
-            'sha256': hashlib.sha256(data).hexdigest(),
-            'bytes': len(data),
-            'image_bytes': sum(len(it['image']) for it in items),
-            'first_image': items[0]['index'],
-            'label_correct': int(sum(int((it['records']['ids'][:, 0] == it['label']).sum()) for it in items)),
-            'augmentations': len(items) * self.num_samples,
-            'config': self._normalised_config(),
-        }
-        with atomic_write(os.path.join(self.output, sidecar_name(index)), 'w') as f:
-            json.dump(info, f, indent=1)
-        self._written += 1
-        return info
-
-    def run(self) -> Dict[str, Any]:
-        """Write every incomplete shard of this rank. Returns counts and timing of this rank's work."""
-        from tqdm import tqdm
-
-        os.makedirs(self.output, exist_ok=True)
-        self.check_output()
+    # -- plan -> build -> stream --------------------------------------------------------------------------------
+    def plan_shards(self) -> Tuple[List[int], int]:
+        """(this rank's shards still to write, number already complete); stale temporary files are removed."""
         mine = rank_shards(self.num_shards, self.rank, self.world_size)
         todo = []
         for s in mine:
-            done, why = self.is_complete(s)
+            lo, hi = self.plan.shard_range(s)
+            done, why = self.store.is_complete(s, hi - lo)
             if done:
                 continue
             if why != 'missing':
                 _logger.info(f'Redoing shard {shard_name(s)}: {why}')
             todo.append(s)
-        self._clean_stale(todo)
+        self.store.clean_stale(todo)
         skipped = len(mine) - len(todo)
         if skipped:
             _logger.info(f'rank {self.rank}: {skipped} of {len(mine)} shards already complete')
-        indices = [i for s in todo for i in range(*self.shard_range(s))]
-        dataset = _AugmentedImages(self.source, indices, self.spec, self.dtype, self.seed, self.num_samples,
-                                   self.views, self.num_classes, self.samples_per_item)
-        loader = DataLoader(
-            dataset, batch_size=None, shuffle=False, num_workers=self.workers, collate_fn=_identity,
-            worker_init_fn=_worker_init if self.workers else None, prefetch_factor=2 if self.workers else None,
-            pin_memory=self.device.type == 'cuda', persistent_workers=False)
-        pbar = tqdm(total=len(indices), unit='img', dynamic_ncols=True, smoothing=0.1,
-                    disable=not self.progress or self.rank != 0, desc=f'reinforce rank {self.rank}')
-        t0 = time.perf_counter()
-        self.teacher_seconds = 0.0
+        return todo, skipped
+
+    def build_loader(self, items: Sequence[Tuple[int, int]]) -> DataLoader:
+        """The data loader augmenting ``items`` ((position, source index) per image) in order."""
+        dataset = AugmentedImages(self.source, items, self.spec, self.dtype, self.seed, self.num_samples,
+                                  self.batcher.views, self.num_classes, self.samples_per_item)
+        return create_augment_loader(dataset, self.workers, pin_memory=self.device.type == 'cuda')
+
+    def stream(self, chunks: Iterator[Dict[str, Any]], pbar: Optional[tqdm] = None) -> List[Dict[str, Any]]:
+        """Feed the loader's chunks to the teacher batcher and write each shard as soon as its last image is done
+        (by a background thread). Returns the written shards' sidecars."""
         futures = []
-        with concurrent.futures.ThreadPoolExecutor(max_workers=1) as writer:
-            current, items, pending, filled = None, [], [], 0
-            for chunk in loader:
-                s = chunk['index'] // self.shard_size
+        with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
+            current, items = None, []
+            for chunk in chunks:
+                s = self.plan.shard_of(chunk['position'])
                 if current is not None and s != current:
-                    self._flush_batches(pending)
-                    filled = 0
-                    futures.append(writer.submit(self._write_shard, current, items))
+                    self.batcher.flush()
+                    futures.append(pool.submit(self.store.write, current, items, self.num_samples))
                     items = []
                 current = s
                 if chunk['start'] == 0:
                     items.append({k: chunk.pop(k) for k in ('index', 'key', 'ext', 'image', 'label', 'records')})
-                filled = self._add_to_batches(items[-1], chunk, pending, filled)
-                if chunk['start'] + chunk['count'] == self.num_samples:
+                self.batcher.add(items[-1], chunk)
+                if pbar is not None and chunk['start'] + chunk['count'] == self.num_samples:
                     pbar.update(1)
             if items:
-                self._flush_batches(pending)
-                futures.append(writer.submit(self._write_shard, current, items))
-            infos = [f.result() for f in futures]
+                self.batcher.flush()
+                futures.append(pool.submit(self.store.write, current, items, self.num_samples))
+            return [f.result() for f in futures]
+
+    def run(self) -> Dict[str, Any]:
+        """Write every incomplete shard of this rank. Returns counts and timing of this rank's work."""
+        os.makedirs(self.output, exist_ok=True)
+        self.check_output()
+        todo, skipped = self.plan_shards()
+        items = self.plan.indices(todo)
+        loader = self.build_loader(items)
+        pbar = tqdm(total=len(items), unit='img', dynamic_ncols=True, smoothing=0.1,
+                    disable=not self.progress or self.rank != 0, desc=f'reinforce rank {self.rank}')
+        t0 = time.perf_counter()
+        self.batcher.seconds = 0.0
+        infos = self.stream(iter(loader), pbar)
         seconds = time.perf_counter() - t0
         pbar.close()
         return {'rank': self.rank, 'shards_written': len(infos), 'shards_skipped': skipped,
-                'images': len(indices), 'seconds': seconds, 'teacher_seconds': self.teacher_seconds,
-                'images_per_second': len(indices) / seconds if seconds > 0 else 0.0}
+                'images': len(items), 'seconds': seconds, 'teacher_seconds': self.batcher.seconds,
+                'images_per_second': len(items) / seconds if seconds > 0 else 0.0}
 
     def merge(self, class_names: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         """Rank 0, after all ranks finished: gather the sidecars into ``reinforce.json`` (atomically).
@@ -469,21 +621,7 @@ class Reinforcer:
         Raises:
             RuntimeError: naming the first shard without a matching sidecar.
         """
-        shards, label_correct = [], 0
-        for s in range(self.num_shards):
-            info = self._known_info(s)
-            path = os.path.join(self.output, shard_name(s))
-            if info is None or not os.path.isfile(path) or os.path.getsize(path) != info['bytes']:
-                raise RuntimeError(f'shard {shard_name(s)} in {self.output} is not complete; rerun reinforce.py with '
-                                   f'the same arguments to finish it')
-            shards.append({k: info[k] for k in ('name', 'count', 'sha256', 'bytes', 'image_bytes')})
-            label_correct += info['label_correct']
-        total = sum(s['bytes'] for s in shards)
-        image_bytes = sum(s['image_bytes'] for s in shards)
-        augs = self.num_images * self.num_samples
-        ds = dict(self.dataset_info)
-        meta = {
-            'schema_version': SCHEMA_VERSION,
+        fields = {
             'teachers': self.teacher.info(),
             'augmentation': self.spec.to_dict(),
             'topk': self.topk,
@@ -491,19 +629,10 @@ class Reinforcer:
             'num_classes': self.num_classes,
             'class_names': list(class_names) if class_names else None,
             'seed': self.seed,
-            'dataset': ds,
+            'dataset': dict(self.dataset_info),
             'num_images': self.num_images,
-            'shard_size': self.shard_size,
+            'shard_size': self.plan.shard_size,
             'record_dtype': self.dtype.descr,
             'images_stored_as_png': bool(self.source.stores_png),
-            'shards': shards,
-            'teacher_label_agreement': label_correct / augs if augs else 0.0,
-            'total_bytes': total,
-            'bytes_per_augmentation': (total - image_bytes) / augs if augs else 0.0,
-            'versions': software_versions(),
-            'created': datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'),
-            'config': self._normalised_config(),
         }
-        with atomic_write(os.path.join(self.output, META_NAME), 'w') as f:
-            json.dump(meta, f, indent=1)
-        return meta
+        return self.store.merge(self.num_shards, fields, self.num_images * self.num_samples)

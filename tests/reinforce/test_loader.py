@@ -20,11 +20,10 @@ from dr.reinforce.augment import AugmentSpec, apply_record, create_augment_spec,
 from dr.reinforce.format import SCHEMA_VERSION, densify, encode_records, record_dtype
 from dr.reinforce.loader import (
     ReinforcedDataError,
-    TarFormatError,
     check_reinforced,
     create_reinforced_loader,
-    iter_tar_members,
     resolve_reinforced,
+    tar_members,
     worker_pieces,
 )
 from tests.helpers import REPO as ROOT
@@ -369,7 +368,8 @@ def test_tampered_records_and_header_raise_naming_shard_and_key(rd48, tmp_path):
     with open(shard, 'r+b') as f:  # garble a tar header (checksum mismatch)
         f.seek(_member_offset(shard, 'img00002.png') - 512 + 100)
         f.write(b'\xff' * 8)
-    with pytest.raises(ReinforcedDataError, match=r'cannot read shard \S*000000\.tar.*img00001.*checksum mismatch'):
+    # tarfile's stream mode ends the archive at a header whose checksum fails: the sample count catches it
+    with pytest.raises(ReinforcedDataError, match=r'shard \S*000000\.tar ended after 2 samples.*lists 10'):
         _epoch(_loader(bad2, meta), 0)
 
 
@@ -393,12 +393,12 @@ def test_tar_reader_matches_tarfile(tmp_path, fmt):
         for name, data in members:
             _add(tar, name, data)
     with open(path, 'rb') as f:
-        assert list(iter_tar_members(f)) == members
+        assert list(tar_members(f)) == members
     with open(path, 'rb') as f:  # the first two samples (keys k0, k1) are passed over
-        assert list(iter_tar_members(f, skip_samples=2)) == members[4:]
+        assert list(tar_members(f, skip_samples=2)) == members[4:]
     data = open(path, 'rb').read()
-    with pytest.raises(TarFormatError, match='truncated'):
-        list(iter_tar_members(io.BytesIO(data[:len(data) // 2 + 7])))
+    with pytest.raises(tarfile.ReadError):  # 'unexpected end of data' or 'empty header', by format
+        list(tar_members(io.BytesIO(data[:len(data) // 2 + 7])))
 
 
 def _train_py_has_reinforced() -> bool:

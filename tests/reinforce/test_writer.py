@@ -78,10 +78,10 @@ def test_exact_replay(ckpts, tmp_path):
     writer = Reinforcer(source, teacher, create_augment_spec('rrc+ra_re', re_prob=0.5), str(tmp_path / 'rd'),
                         num_samples=5, topk=TOPK, seed=3, shard_size=8, num_classes=10, batch_size=7, workers=0,
                         progress=False, samples_per_item=3)
-    writer.captured = []
+    writer.batcher.captured = []
     writer.run()
     meta = writer.merge(class_names=source.classes)
-    seen = [torch.cat([batch[m] for batch in writer.captured]) for m in range(2)]
+    seen = [torch.cat([batch[m] for batch in writer.batcher.captured]) for m in range(2)]
     assert seen[0].shape[-2:] == (16, 16) and seen[1].shape[-2:] == (20, 20)
     samples = list(iter_shard(str(tmp_path / 'rd' / '000000.tar'), 'shard 000000.tar'))
     erased = 0
