@@ -64,7 +64,8 @@ def create_parser() -> Tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
 
     group = parser.add_argument_group('Reinforcement')
     group.add_argument('--aug', default=AUG_RRC_RA_RE, choices=AUG_NAMES,
-                       help='stored augmentations: rrc (crop+flip) or rrc+ra_re (+RandAugment, random erasing)')
+                       help='stored augmentations: rrc (crop+flip), rrc+ra_re (+RandAugment, random erasing), or '
+                            'either +mix (mixup/cutmix with a partner image of the same group, the paper\'s +M*)')
     group.add_argument('--scale', type=float, nargs=2, default=None, metavar=('MIN', 'MAX'),
                        help='random-resized-crop area range (default: 0.08 1.0)')
     group.add_argument('--ratio', type=float, nargs=2, default=None, metavar=('MIN', 'MAX'),
@@ -75,6 +76,14 @@ def create_parser() -> Tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
                        help='RandAugment magnitude of 31 bins (default: 9)')
     group.add_argument('--re-prob', type=float, default=None, metavar='P',
                        help='random erasing probability (default: 0.25)')
+    group.add_argument('--re-fill', default=None, choices=('mean', 'black'),
+                       help='erased pixels: mean (0 after normalisation, the mean colour; default) or black '
+                            '(0 before normalisation, as ml-dr)')
+    group.add_argument('--mixup-p', type=float, default=None, metavar='P', help='+mix: mixup probability (0.5)')
+    group.add_argument('--cutmix-p', type=float, default=None, metavar='P', help='+mix: cutmix probability (0.5)')
+    group.add_argument('--mix-group', type=int, default=None, metavar='N',
+                       help='+mix: partners are other images of the same group of N consecutive images of a shard '
+                            '(default: 8)')
     group.add_argument('--num-samples', type=int, default=400, metavar='N',
                        help='stored augmentations per image (default: 400)')
     group.add_argument('--topk', type=int, default=10, metavar='K',
@@ -167,7 +176,9 @@ def run_reinforce(args, args_text: str) -> int:
     if args.topk > num_classes:
         raise ValueError(f'--topk {args.topk} is larger than the number of classes ({num_classes})')
     spec = create_augment_spec(args.aug, scale=args.scale, ratio=args.ratio, hflip=args.hflip,
-                               ra_num_ops=args.ra_num_ops, ra_magnitude=args.ra_magnitude, re_prob=args.re_prob)
+                               ra_num_ops=args.ra_num_ops, ra_magnitude=args.ra_magnitude, re_prob=args.re_prob,
+                               re_fill=args.re_fill, mixup_p=args.mixup_p, cutmix_p=args.cutmix_p,
+                               mix_group=args.mix_group)
     rank, world_size, local_rank = _init_distributed()
     device = args.device
     if world_size > 1 and device == 'cuda':

@@ -509,10 +509,61 @@ def mix_(x: torch.Tensor, x2: torch.Tensor, record: np.void) -> torch.Tensor:
     flags = int(record['flags'])
     if flags & FLAG_MIXUP:
         lam = float(record['mix_lam'])
-        x = x * lam + x2 * (1.0 - lam)
+        x = x * lam + x2 * (1.0 - lam)  # torch computes in float32 with both scalars rounded to float32
     if flags & FLAG_CUTMIX:
         top, left, bottom, right = cutmix_pixel_box(record['mix_box'], x.shape[-2], x.shape[-1])
         x[:, top:bottom, left:right] = x2[:, top:bottom, left:right]
+    return x
+
+
+def augment_partners_uint8(
+        partners: Dict[int, Image.Image],
+        records: np.ndarray,
+        spec: AugmentSpec,
+        out_size: Tuple[int, int],
+        interpolation: Optional[Any] = None,
+) -> torch.Tensor:
+    """uint8 ``[n, 3, h, w]`` PIL stages of the partner half of ``+mix`` records (``partners``: ``mix_ref`` -> image);
+    rows that do not mix stay zero."""
+    out = np.zeros((len(records), int(out_size[0]), int(out_size[1]), 3), dtype=np.uint8)
+    for i, rec in enumerate(records):
+        if needs_partner(rec):
+            img = partners[int(rec['mix_ref'])]
+            out[i] = np.asarray(apply_record_pil(img, partner_fields(rec), spec, out_size, interpolation))
+    return torch.from_numpy(out).permute(0, 3, 1, 2).contiguous()
+
+
+def erase_batch(x: torch.Tensor, boxes: np.ndarray, erase: np.ndarray, fill: torch.Tensor) -> torch.Tensor:
+    """A batch ``[n, 3, h, w]`` with the stored erase boxes of rows ``erase`` set to ``fill`` (``erase_fill``)."""
+    if not np.asarray(erase).any():
+        return x
+    mask = erase_mask(boxes, erase, x.shape[-2], x.shape[-1], device=x.device)
+    return torch.where(mask, fill.to(x.device).view(1, -1, 1, 1), x)
+
+
+def mix_batch(x: torch.Tensor, x2: torch.Tensor, records: np.ndarray) -> torch.Tensor:
+    """:func:`mix_` for a batch (the writer's teacher inputs): the same float32 operations row by row."""
+    flags = records['flags']
+    mixup = (flags & FLAG_MIXUP) > 0
+    if mixup.any():
+        lam = np.where(mixup, records['mix_lam'], 0).astype(np.float32)
+        rest = (1.0 - lam.astype(np.float64)).astype(np.float32)  # as torch rounds ``1.0 - lam`` to a float32 scalar
+        lam_t = torch.from_numpy(lam).to(x.device).view(-1, 1, 1, 1)
+        rest_t = torch.from_numpy(rest).to(x.device).view(-1, 1, 1, 1)
+        on = torch.from_numpy(mixup).to(x.device).view(-1, 1, 1, 1)
+        x = torch.where(on, x * lam_t + x2 * rest_t, x)
+    cutmix = (flags & FLAG_CUTMIX) > 0
+    if cutmix.any():
+        h, w = x.shape[-2], x.shape[-1]
+        q = np.asarray(records['mix_box'], dtype=np.int64).reshape(-1, 4)
+        edges = np.stack([q255_to_px(q[:, 0], h), q255_to_px(q[:, 1], w), q255_to_px(q[:, 2], h),
+                          q255_to_px(q[:, 3], w)], axis=1)
+        e = torch.from_numpy(edges).to(x.device).view(-1, 4, 1, 1)
+        ys = torch.arange(h, device=x.device).view(1, -1, 1)
+        xs = torch.arange(w, device=x.device).view(1, 1, -1)
+        on = torch.from_numpy(cutmix).to(x.device).view(-1, 1, 1)
+        mask = (ys >= e[:, 0]) & (ys < e[:, 2]) & (xs >= e[:, 1]) & (xs < e[:, 3]) & on
+        x = torch.where(mask.unsqueeze(1), x2, x)
     return x
 
 

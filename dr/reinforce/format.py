@@ -1,4 +1,5 @@
-"""On-disk format of reinforced datasets (schema_version 1): WebDataset tar shards plus ``reinforce.json``.
+"""On-disk format of reinforced datasets (schema_version 2; version 1 still reads): WebDataset tar shards plus
+``reinforce.json``.
 
 A reinforced dataset is a directory of ``NNNNNN.tar`` shards (6-digit global shard index) and ``reinforce.json``.
 Each tar sample is three consecutive members sharing a key (the WebDataset convention):
@@ -9,7 +10,9 @@ Each tar sample is three consecutive members sharing a key (the WebDataset conve
   ``ids`` (top-k class ids, descending probability), ``probs`` (float16 ensemble-mean probabilities),
   ``crop`` (x, y, w, h in original-image pixels), ``flags`` (bit 0 hflip, bit 1 random erasing, bits 2-3 sign of
   RandAugment op 1/2), and for ``rrc+ra_re`` also ``ra_ops`` (indices into the op-name table) and ``re_box``
-  (top, left, h, w of the erased box in 1/255 of the output size).
+  (top, left, h, w of the erased box in 1/255 of the output size). The ``+mix`` variants (schema 2) add the partner's
+  ``mix_ref`` (its position in the dataset), ``mix_crop``/``mix_flags``/``mix_ra_ops``/``mix_re_box``, the mixup
+  ``mix_lam`` and the cutmix ``mix_box`` (flags bits 4/5 say whether mixup/cutmix apply).
 
 Nothing here unpickles: records load with ``np.load(..., allow_pickle=False)``.
 """
@@ -26,7 +29,8 @@ import torch
 
 _logger = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+READABLE_SCHEMA_VERSIONS = (1, 2)  # 1: no mixing variants, random erasing always with the mean colour
 META_NAME = 'reinforce.json'
 RECORDS_EXT = 'rd.npy'
 LABEL_EXT = 'cls'
@@ -256,8 +260,9 @@ def load_meta(dir_or_url: Union[str, Sequence[str]]) -> Dict[str, Any]:
     if not isinstance(meta, dict):
         raise ValueError(f'{path}: expected a JSON object')
     version = meta.get('schema_version')
-    if version != SCHEMA_VERSION:
-        raise ValueError(f'{path}: unsupported schema_version {version!r} (this code reads {SCHEMA_VERSION})')
+    if version not in READABLE_SCHEMA_VERSIONS:
+        raise ValueError(f'{path}: unsupported schema_version {version!r} (this code reads '
+                         f'{", ".join(str(v) for v in READABLE_SCHEMA_VERSIONS)})')
     missing = [k for k in ('teachers', 'augmentation', 'topk', 'num_samples', 'num_classes', 'shards')
                if k not in meta]
     if missing:
