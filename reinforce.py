@@ -8,6 +8,8 @@ stored augmentations (explicit parameters) with the teacher ensemble's top-``--t
     torchrun --nproc_per_node=8 reinforce.py /imagenet --dataset '' -c hparams/dr/reinforce/imagenet_plus.yaml
     python reinforce.py --verify out/rd [--teacher resnet18=teacher.pth.tar --verify-samples 32]
     python reinforce.py --stats out/rd
+    python reinforce.py --import-ml-dr imagenet_plus_randaug.tar.gz --data-dir /imagenet/training --output out/inp
+    python reinforce.py --show out/rd --images 0 1 --samples 0 1 2 --save-png show.png --save-npz show.npz
 """
 import argparse
 import datetime
@@ -22,6 +24,8 @@ from dr.config import create_config_parser, save_args_yaml
 from dr.config import parse_args as dr_parse_args
 from dr.reinforce.augment import create_augment_spec
 from dr.reinforce.format import AUG_NAMES, AUG_RRC_RA_RE, load_meta
+from dr.reinforce.importers.mldr_job import import_mldr
+from dr.reinforce.show import save_npz, save_png, show_samples
 from dr.reinforce.sources import create_source
 from dr.reinforce.teachers import create_teacher
 from dr.reinforce.verify import DEFAULT_VERIFY_ATOL, FP16_RTOL, compute_stats, verify_dir, write_stats
@@ -108,6 +112,25 @@ def create_parser() -> Tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     group.add_argument('--verify-rtol', type=float, default=FP16_RTOL, metavar='R',
                        help='relative tolerance of replayed probabilities (default: 2**-10, float16)')
     group.add_argument('--stats', default='', metavar='DIR', help='print and write DIR/stats.json')
+
+    group = parser.add_argument_group('Import published reinforcements (apple/ml-dr)')
+    group.add_argument('--import-ml-dr', default='', metavar='RDATA',
+                       help='an ml-dr rdata archive (.tar.gz, streamed) or its extracted directory: convert it to '
+                            'shards in --output (with --data-dir; --shard-size, --seed (shard order), -j apply)')
+    group.add_argument('--data-dir', dest='import_data_dir', default='', metavar='IMAGEFOLDER',
+                       help='the image folder the rdata was made from (torchvision ImageFolder order = ml-dr index)')
+
+    group = parser.add_argument_group('Show stored augmentations')
+    group.add_argument('--show', default='', metavar='DIR',
+                       help='replay stored augmentations of DIR exactly as the training loader does')
+    group.add_argument('--images', type=int, nargs='+', default=[0], metavar='I',
+                       help='source dataset indices of the images to show (default: 0)')
+    group.add_argument('--samples', type=int, nargs='+', default=[0], metavar='K',
+                       help='stored augmentations to show per image (default: 0)')
+    group.add_argument('--save-npz', default='', metavar='FILE',
+                       help='write the replays (float32 CHW, normalised; keys "<image>_<sample>")')
+    group.add_argument('--save-png', default='', metavar='FILE',
+                       help='write a grid of the replays with each sample\'s top-3 teacher classes')
     return config_parser, parser
 
 
@@ -158,6 +181,35 @@ def run_stats(args) -> int:
     for k, v in stats.items():
         print(f'{k:<{width}}  {v:.6g}' if isinstance(v, float) else f'{k:<{width}}  {v}')
     print(f'wrote {path}')
+    return 0
+
+
+def run_import(args, args_text: str) -> int:
+    if not args.output or not args.import_data_dir:
+        raise ValueError('--import-ml-dr needs --data-dir (the image folder) and --output (the shard directory)')
+    os.makedirs(args.output, exist_ok=True)
+    save_args_yaml(args_text, args.output)
+    meta = import_mldr(args.import_ml_dr, args.import_data_dir, args.output, num_classes=args.num_classes,
+                       shard_size=args.shard_size, seed=args.seed, workers=args.workers,
+                       progress=not args.no_progress)
+    print(f'{args.output}: imported {meta["num_images"]} images x {meta["num_samples"]} augmentations '
+          f'({meta["augmentation"]["name"]}, top-{meta["topk"]}) in {len(meta["shards"])} shards, '
+          f'{meta["bytes_per_augmentation"]:.2f} bytes/augmentation')
+    return 0
+
+
+def run_show(args) -> int:
+    shown = show_samples(args.show, args.images, args.samples)
+    meta = load_meta(args.show)
+    for key, item in shown.items():
+        names = meta.get('class_names') or []
+        top = ', '.join(f'{names[int(i)] if int(i) < len(names) else int(i)} {float(p):.3f}'
+                        for i, p in zip(item['ids'][:3], item['probs'][:3]))
+        print(f'{key}: label {item["label"]}, top-3 {top}')
+    if args.save_npz:
+        print(f'wrote {save_npz(args.save_npz, shown)}')
+    if args.save_png:
+        print(f'wrote {save_png(args.save_png, shown, meta.get("class_names"))}')
     return 0
 
 
@@ -230,6 +282,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return run_verify(args)
         if args.stats:
             return run_stats(args)
+        if args.import_ml_dr:
+            return run_import(args, args_text)
+        if args.show:
+            return run_show(args)
         return run_reinforce(args, args_text)
     except (ValueError, FileNotFoundError) as e:
         _logger.error(str(e))

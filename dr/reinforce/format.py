@@ -271,6 +271,25 @@ def load_meta(dir_or_url: Union[str, Sequence[str]]) -> Dict[str, Any]:
     return meta
 
 
+IMPORT_ORDER_SALT = 0x4D4C4452  # image_order of imported reinforcements (dr.reinforce.importers)
+
+
+def seeded_order(num_images: int, seed: int, salt: int) -> np.ndarray:
+    """A seeded permutation of ``range(num_images)``: ``default_rng([seed, salt]).permutation``."""
+    return np.random.default_rng([int(seed), int(salt)]).permutation(int(num_images)).astype(np.int64)
+
+
+def dataset_order(meta: Dict[str, Any]) -> np.ndarray:
+    """Position -> source dataset index of a reinforced dataset (positions: the samples of the shards in name
+    order). Identity unless ``reinforce.json`` has an ``image_order`` entry ``{seed, salt}`` (a seeded permutation).
+    """
+    n = int(meta.get('num_images') or sum(int(s['count']) for s in meta['shards']))
+    order = meta.get('image_order')
+    if not order:
+        return np.arange(n, dtype=np.int64)
+    return seeded_order(n, int(order['seed']), int(order['salt']))
+
+
 def list_shards(directory: str) -> List[str]:
     """Sorted ``NNNNNN.tar`` file names in ``directory``."""
     return sorted(n for n in os.listdir(directory) if SHARD_RE.match(n))

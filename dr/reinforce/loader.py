@@ -683,26 +683,39 @@ class ReinforcedShards(torch.utils.data.IterableDataset):
         erase = fields['re_box'] if self.spec.has_ra_re and int(fields['flags']) & FLAG_ERASE else None
         return np.asarray(out), erase, record
 
+    def replay(self, sample: Dict[str, Any], index: Optional[int] = None) -> Tuple[Any, ...]:
+        """Stored augmentation ``index`` of a raw sample, as :meth:`_process` prepares it for :meth:`collate`
+        (``reinforce.py --show`` uses this to show exactly what training sees)."""
+        img, label, records = self._decoder(sample)
+        if not 0 <= int(index) < len(records):
+            raise ValueError(f'{self._decoder.where(sample)}: no stored augmentation {index} '
+                             f'(it has {len(records)})')
+        return self._replay(sample, img, label, records, int(index))
+
+    def _replay(self, sample: Dict[str, Any], img: Image.Image, label: int, records: np.ndarray,
+                index: int) -> Tuple[Any, ...]:
+        _, h, w = self.input_size
+        record = records[index]
+        self._decoder.check_record(record, img, sample, index)
+        try:
+            out = apply_record_pil(img, record, self.spec, (h, w), self.interpolation)
+        except Exception as e:
+            raise ReinforcedDataError(f'{self._decoder.where(sample)}: cannot replay stored augmentation {index} '
+                                      f'({type(e).__name__}: {e})') from e
+        erase = record['re_box'] if self.spec.has_ra_re and int(record['flags']) & FLAG_ERASE else None
+        partner = None
+        if self._partners is not None and needs_partner(record):
+            partner = self._partner(record, sample, index, (h, w))
+        return 'rd', np.asarray(out), label, record['ids'], record['probs'], erase, partner
+
     def _process(self, sample: Dict[str, Any]) -> Tuple[Any, ...]:
         """One sample: ('rd', uint8 HxWx3 replay, label, ids, probs, erase box, partner or None) or ('fb', tensor,
         label); the partner of a mixing augmentation is (uint8 replay, erase box, record)."""
         img, label, records = self._decoder(sample)
         u, index, fallback_seed = sample_draws(self.seed, self.epoch, sample['__pass__'], sample['__key__'],
                                                len(records))
-        _, h, w = self.input_size
         if u < self.rd_p:
-            record = records[index]
-            self._decoder.check_record(record, img, sample, index)
-            try:
-                out = apply_record_pil(img, record, self.spec, (h, w), self.interpolation)
-            except Exception as e:
-                raise ReinforcedDataError(f'{self._decoder.where(sample)}: cannot replay stored augmentation {index} '
-                                          f'({type(e).__name__}: {e})') from e
-            erase = record['re_box'] if self.spec.has_ra_re and int(record['flags']) & FLAG_ERASE else None
-            partner = None
-            if self._partners is not None and needs_partner(record):
-                partner = self._partner(record, sample, index, (h, w))
-            return 'rd', np.asarray(out), label, record['ids'], record['probs'], erase, partner
+            return self._replay(sample, img, label, records, index)
         # the fallback transform draws from the global RNGs: seeded per (seed, epoch, key) for reproducibility
         with _seeded_global_rngs(fallback_seed):
             x = self.fallback_transform(img)
@@ -726,7 +739,7 @@ class ReinforcedShards(torch.utils.data.IterableDataset):
             t, left, eh, ew = re_pixel_box(box, x.shape[-2], x.shape[-1])
             x[:, t:t + eh, left:left + ew] = self._fill
 
-    def _collate(self, samples: List[Tuple[Any, ...]]) -> Tuple[torch.Tensor, ...]:
+    def collate(self, samples: List[Tuple[Any, ...]]) -> Tuple[torch.Tensor, ...]:
         """Stack a batch; replays are normalised batch-wise (the same float ops as ``augment.apply_record``, then the
         stored erase box is filled and a mixing sample is mixed with its partner) and their targets densified in one
         call: the target of a mixed sample is the teacher output stored for the mixed image, not a mix of labels."""
@@ -768,7 +781,7 @@ class ReinforcedShards(torch.utils.data.IterableDataset):
         if self.shuffle_buffer > 1:
             rng = random.Random(derive_seed(self.seed, epoch, self.rank, worker, 0x5B))
             stages.append(wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, rng=rng))
-        stages += [wds.map(self._process), wds.batched(self.batch_size, collation_fn=self._collate, partial=True)]
+        stages += [wds.map(self._process), wds.batched(self.batch_size, collation_fn=self.collate, partial=True)]
         return iter(wds.DataPipeline(*stages))
 
 

@@ -1,4 +1,5 @@
-"""Random access to the images of a reinforced dataset by position: the partners of ``+mix`` stored augmentations.
+"""Random access to the samples of a reinforced dataset by position: the partners of ``+mix`` stored augmentations
+(and ``reinforce.py --show``).
 
 A ``+mix`` record names its partner by ``mix_ref``, the partner's position in the dataset: the shards of
 ``reinforce.json`` in name order, samples in tar order. The training loader streams shards, but a partner may sit
@@ -6,6 +7,9 @@ anywhere (an imported ml-dr reinforcement mixes images of the whole dataset; thi
 the same shard, in groups of ``mix_group`` consecutive images). :class:`PartnerImages` reads a partner's image bytes
 with one ``pread`` from the local shard file; a shard's member offsets come from its tar headers, indexed on first use
 (headers only) and kept for the most recently used shards. Nothing holds the dataset in memory.
+
+The position of a sample is its index in the concatenation of the shards in name order; which source-dataset image
+sits at each position is :func:`dr.reinforce.format.dataset_order`.
 """
 import collections
 import os
@@ -15,7 +19,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 from .format import IMAGE_EXTS, META_NAME, split_member_name
 
-Entry = Tuple[str, str, int, int]  # (key, image extension, data offset, size)
+Entry = Tuple[str, Dict[str, Tuple[int, int]]]  # (key, {member extension: (data offset, size)})
 
 
 def local_dir(meta: Dict[str, Any]) -> Optional[str]:
@@ -29,7 +33,7 @@ def local_dir(meta: Dict[str, Any]) -> Optional[str]:
 
 
 class PartnerImages:
-    """Image bytes by dataset position, read from the local shard files of ``meta`` (``load_meta`` output).
+    """Samples and image bytes by dataset position, read from the local shard files of ``meta`` (``load_meta``).
 
     Args:
         meta: the dataset's ``reinforce.json`` (with ``_path``).
@@ -89,9 +93,8 @@ class PartnerImages:
                     key, ext = split_member_name(info.name)
                     if key not in keys:
                         keys[key] = len(samples)
-                        samples.append((key, '', -1, 0))
-                    if ext.lower() in IMAGE_EXTS:
-                        samples[keys[key]] = (key, ext, info.offset_data, info.size)
+                        samples.append((key, {}))
+                    samples[keys[key]][1][ext] = (info.offset_data, info.size)
         except (tarfile.TarError, OSError) as e:
             raise ValueError(f'{self.where_flag}: cannot index shard {path} for partner images ({e})') from e
         if len(samples) != self.counts[shard]:
@@ -115,16 +118,31 @@ class PartnerImages:
             os.close(self._files.popitem(last=False)[1])
         return fd
 
+    def _read(self, shard: int, key: str, ext: str, offset: int, size: int) -> bytes:
+        data = os.pread(self._fd(shard), size, offset)
+        if len(data) != size:
+            raise ValueError(f'{self.where_flag}: shard {self.path(shard)} key {key}: member .{ext} truncated')
+        return data
+
     def get(self, position: int) -> Tuple[str, str, bytes]:
         """(key, image extension, original image bytes) of the image at ``position``."""
         shard, ordinal = self.locate(position)
-        key, ext, offset, size = self._entries(shard)[ordinal]
-        if offset < 0:
-            raise ValueError(f'{self.where_flag}: shard {self.path(shard)} key {key}: no image member')
-        data = os.pread(self._fd(shard), size, offset)
-        if len(data) != size:
-            raise ValueError(f'{self.where_flag}: shard {self.path(shard)} key {key}: image member truncated')
-        return key, ext, data
+        key, members = self._entries(shard)[ordinal]
+        images = [e for e in members if e.lower() in IMAGE_EXTS]
+        if len(images) != 1:
+            raise ValueError(f'{self.where_flag}: shard {self.path(shard)} key {key}: expected one image member, '
+                             f'found {len(images)}')
+        return key, images[0], self._read(shard, key, images[0], *members[images[0]])
+
+    def sample(self, position: int) -> Dict[str, Any]:
+        """The WebDataset sample at ``position``: ``{ext: bytes, ..., '__key__', '__url__'}`` (what the training
+        loader's reader yields)."""
+        shard, ordinal = self.locate(position)
+        key, members = self._entries(shard)[ordinal]
+        out: Dict[str, Any] = {'__key__': key, '__url__': self.path(shard)}
+        for ext, (offset, size) in members.items():
+            out[ext] = self._read(shard, key, ext, offset, size)
+        return out
 
     def close(self) -> None:
         for fd in self._files.values():

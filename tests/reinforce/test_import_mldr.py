@@ -243,3 +243,116 @@ def test_archive_without_config_is_an_error(tmp_path):
     with pytest.raises(MldrFormatError, match='no config.pth.tar'):
         list(iter_rdata(str(tmp_path / 'src')))
     shutil.rmtree(tmp_path / 'src')
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# reinforce.py --import-ml-dr and --show end to end
+
+
+def _import(rdata, out, *extra, images=None):
+    import reinforce
+    images = images or os.path.join(FIXTURE, 'images')
+    return reinforce.main(['--import-ml-dr', str(rdata), '--data-dir', str(images), '--output', str(out),
+                           '--shard-size', '8', '-j', '0', '--no-progress', *extra])
+
+
+@needs_fixture
+@pytest.mark.parametrize('variant', VARIANTS)
+def test_import_then_show_replays_what_the_authors_students_saw(variant, tmp_path, capsys):
+    """Every stored sample, imported from the streamed tarball and replayed by --show (the training loader's code
+    path), against ml-dr's own replay. The differences are reported in the test output."""
+    import reinforce
+    out = tmp_path / 'rd'
+    assert _import(os.path.join(FIXTURE, variant, 'reinforced_data.tar.gz'), out) == 0
+    npz = tmp_path / 'show.npz'
+    assert reinforce.main(['--show', str(out), '--images', *map(str, range(30)), '--samples', *map(str, range(6)),
+                           '--save-npz', str(npz)]) == 0
+    ours, expected = np.load(npz), np.load(os.path.join(FIXTURE, variant, 'expected.npz'))
+    assert sorted(ours.files) == sorted(expected.files)
+    std = np.asarray((0.229, 0.224, 0.225), dtype=np.float32).reshape(3, 1, 1)
+    diffs = np.array([float((np.abs(ours[k] - expected[k]) * std).max()) for k in expected.files])
+    within = float((diffs <= 1 / 255).mean())
+    with capsys.disabled():
+        print(f'\n[ml-dr replay] {variant}: {len(diffs)} samples, max |diff| {diffs.max():.3g} '
+              f'({diffs.max() * 255:.3g}/255) after undoing the normalisation, {within:.1%} within 1/255')
+    assert within >= 0.99 and diffs.max() <= 1e-5
+    meta = json.loads((out / 'reinforce.json').read_text())
+    assert meta['schema_version'] == 2 and meta['augmentation']['re_fill'] == 'black'
+    assert meta['imported_from']['format'] == 'ml-dr' and meta['num_images'] == 30
+
+
+@needs_fixture
+def test_import_directory_equals_tarball_and_reruns_resume(tmp_path):
+    with tarfile.open(os.path.join(FIXTURE, 'rrc_ra_re_mix', 'reinforced_data.tar.gz')) as tar:
+        tar.extractall(tmp_path / 'x', filter='data')
+    assert _import(os.path.join(FIXTURE, 'rrc_ra_re_mix', 'reinforced_data.tar.gz'), tmp_path / 'a') == 0
+    assert _import(tmp_path / 'x' / 'reinforced_data', tmp_path / 'b') == 0
+    shards = sorted(p.name for p in (tmp_path / 'a').glob('*.tar'))
+    assert len(shards) == 4 and not (tmp_path / 'a' / '.mldr_import').exists()
+    for name in shards:
+        assert (tmp_path / 'a' / name).read_bytes() == (tmp_path / 'b' / name).read_bytes()
+    # shards mix classes (ImageFolder order is sorted by class)
+    with tarfile.open(tmp_path / 'a' / shards[0]) as tar:
+        labels = {int(tar.extractfile(m).read()) for m in tar if m.name.endswith('.cls')}
+    assert len(labels) > 3
+    before = (tmp_path / 'a' / shards[1]).read_bytes()
+    os.unlink(tmp_path / 'a' / shards[1])
+    assert _import(os.path.join(FIXTURE, 'rrc_ra_re_mix', 'reinforced_data.tar.gz'), tmp_path / 'a') == 0
+    assert (tmp_path / 'a' / shards[1]).read_bytes() == before
+    # another configuration into the same output is refused
+    assert _import(os.path.join(FIXTURE, 'rrc', 'reinforced_data.tar.gz'), tmp_path / 'a') == 2
+
+
+@needs_fixture
+def test_import_size_mismatch_and_resized_images_are_clear_errors(tmp_path, capsys):
+    images = tmp_path / 'images'
+    shutil.copytree(os.path.join(FIXTURE, 'images'), images)
+    last = (images / '9' / '0029.png').read_bytes()
+    os.unlink(images / '9' / '0029.png')  # the folder's last image (index 29)
+    rdata = os.path.join(FIXTURE, 'rrc', 'reinforced_data.tar.gz')
+    assert _import(rdata, tmp_path / 'a', images=images) == 2
+    assert 'image index 29 outside the image folder (0..28): --data-dir holds 29 images' in capsys.readouterr().err
+    (images / '9' / '0029.png').write_bytes(last)
+    Image.new('RGB', (40, 40)).save(images / '9' / '0039.png')  # one image more than the reinforcements
+    assert _import(rdata, tmp_path / 'b', images=images) == 2
+    assert 'holds 30 images but --data-dir holds 31; missing indices [30]' in capsys.readouterr().err
+    os.unlink(images / '9' / '0039.png')
+    for p in images.glob('*/*.png'):  # a resized copy of the dataset
+        Image.open(p).resize((20, 20)).save(p)
+    assert _import(rdata, tmp_path / 'c', images=images) == 2
+    err = capsys.readouterr().err
+    assert 'does not fit the image of size 20x20' in err and '.pth.tar: image' in err
+
+
+@needs_fixture
+def test_import_refuses_a_malicious_file_naming_it(tmp_path, capsys):
+    src = tmp_path / 'rdata'
+    with tarfile.open(os.path.join(FIXTURE, 'rrc', 'reinforced_data.tar.gz')) as tar:
+        tar.extractall(src, filter='data')
+    target = tmp_path / 'pwned'
+    (src / 'reinforced_data' / '7.pth.tar').write_bytes(_torch_zip(pickle.dumps((7, [_Evil(str(target))]),
+                                                                                protocol=4)))
+    with tarfile.open(tmp_path / 'evil.tar.gz', 'w:gz') as tar:
+        tar.add(src / 'reinforced_data', arcname='reinforced_data')
+    assert _import(tmp_path / 'evil.tar.gz', tmp_path / 'out') == 2
+    err = capsys.readouterr().err
+    assert 'reinforced_data/7.pth.tar: refusing to unpickle global' in err
+    assert not target.exists() and not list((tmp_path / 'out').glob('*.tar'))
+
+
+@needs_fixture
+def test_show_png_and_bad_indices(tmp_path, capsys):
+    import reinforce
+    out = tmp_path / 'rd'
+    assert _import(os.path.join(FIXTURE, 'rrc_ra_re_mix', 'reinforced_data.tar.gz'), out) == 0
+    png = tmp_path / 'show.png'
+    assert reinforce.main(['--show', str(out), '--images', '3', '17', '--samples', '0', '5', '--save-png',
+                           str(png)]) == 0
+    text = capsys.readouterr().out
+    assert '3_0: label 1, top-3' in text and '17_5: label 5, top-3' in text  # ImageFolder: 3 per class
+    with Image.open(png) as img:
+        assert img.format == 'PNG' and img.width > 200
+    assert reinforce.main(['--show', str(out), '--images', '30']) == 2
+    assert '--images: 30 outside the dataset (0..29)' in capsys.readouterr().err
+    assert reinforce.main(['--show', str(out), '--samples', '6']) == 2
+    assert '--samples: 6 outside 0..5' in capsys.readouterr().err

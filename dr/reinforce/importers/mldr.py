@@ -279,6 +279,7 @@ class MldrConfig:
         topk: stored classes per augmentation.
         transforms: ml-dr's transforms in Compose order (those enabled in the config).
         raw: the ``reinforce`` section of the config (JSON-safe copy for reinforce.json).
+        teacher: the config's ``teacher`` section (JSON-safe), if any.
     """
     spec: AugmentSpec
     out_size: Tuple[int, int]
@@ -288,6 +289,7 @@ class MldrConfig:
     topk: int
     transforms: Tuple[str, ...]
     raw: Dict[str, Any]
+    teacher: Any = None
 
     @property
     def mixing(self) -> bool:
@@ -365,7 +367,8 @@ def parse_config(obj: Any, where: str) -> MldrConfig:
     _check_keys(where, 'normalize', norm, ('mean', 'std'))
     return MldrConfig(spec=spec, out_size=out_size, mean=tuple(float(v) for v in norm['mean']),
                       std=tuple(float(v) for v in norm['std']), num_samples=num_samples, topk=topk,
-                      transforms=tuple(t for t in MLDR_ORDER if t in aug), raw=_json_safe(rcfg))
+                      transforms=tuple(t for t in MLDR_ORDER if t in aug), raw=_json_safe(rcfg),
+                      teacher=_json_safe(obj.get('teacher')) if isinstance(obj, dict) else None)
 
 
 def _ra_fields(cfg: Dict[str, Any], where: str) -> Dict[str, Any]:

@@ -13,14 +13,35 @@ import concurrent.futures
 import json
 import logging
 import os
+import shutil
 from typing import Any, Callable, Deque, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 from PIL import Image
 
 from ...io import atomic_write
-from ..format import FLAG_CUTMIX, FLAG_MIXUP
-from .mldr import SAMPLE_SUFFIX, MldrConfig, MldrFormatError, convert_image, iter_rdata, load_torch_save
+from ..format import (
+    FLAG_CUTMIX,
+    FLAG_MIXUP,
+    IMAGE_EXTS,
+    IMPORT_ORDER_SALT,
+    SCHEMA_VERSION,
+    record_dtype,
+    sanitize_key,
+    seeded_order,
+)
+from ..writer import ShardPlan, ShardStore
+from .mldr import (
+    CONFIG_NAME,
+    SAMPLE_SUFFIX,
+    MldrConfig,
+    MldrFormatError,
+    convert_image,
+    imagefolder_index,
+    iter_rdata,
+    load_torch_save,
+    parse_config,
+)
 
 _logger = logging.getLogger(__name__)
 
@@ -90,14 +111,16 @@ def _tasks(rdata: str, paths: Sequence[str], first: Callable[[str, bytes], None]
 class _Spool:
     """Per-shard append-only files of (image index ``<u8``, record bytes)."""
 
-    def __init__(self, directory: str, record_bytes: int):
+    def __init__(self, directory: str, record_bytes: int, clear: bool = True):
         self.directory = directory
         self.record_bytes = record_bytes
         self.buffers: Dict[int, bytearray] = collections.defaultdict(bytearray)
         self.buffered = 0
         os.makedirs(directory, exist_ok=True)
-        for name in os.listdir(directory):  # a previous unfinished pass
-            os.unlink(os.path.join(directory, name))
+        if clear:  # spool files of a previous unfinished pass
+            for name in os.listdir(directory):
+                if name.endswith('.spool'):
+                    os.unlink(os.path.join(directory, name))
 
     def path(self, shard: int) -> str:
         return os.path.join(self.directory, f'{shard:06d}.spool')
@@ -238,3 +261,184 @@ def read_done(spool_dir: str, info: Dict[str, Any]) -> Optional[np.ndarray]:
         return np.load(os.path.join(spool_dir, 'sizes.npy'), allow_pickle=False)
     except (OSError, ValueError):
         return None
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# pass 2: shards
+
+
+def import_order(num_images: int, seed: int) -> np.ndarray:
+    """The output order of an import (position -> ml-dr image index): a seeded permutation, so that shards mix
+    classes (ImageFolder order is sorted by class); ``format.dataset_order`` recomputes it from reinforce.json."""
+    return seeded_order(num_images, seed, IMPORT_ORDER_SALT)
+
+
+class _ShardBuilder:
+    """Pass 2 for one shard: spooled records + the folder's original image bytes -> ``ShardStore.write`` items."""
+
+    def __init__(self, spool: _Spool, plan: ShardPlan, paths: Sequence[str], labels: Sequence[int], root: str,
+                 dtype: np.dtype, sizes: np.ndarray, mixing: bool):
+        self.spool, self.plan, self.paths, self.labels, self.root = spool, plan, paths, labels, root
+        self.dtype, self.sizes, self.mixing = dtype, sizes, mixing
+
+    def items(self, shard: int) -> List[Dict[str, Any]]:
+        spooled = self.spool.read(shard)
+        lo, hi = self.plan.shard_range(shard)
+        out = []
+        for position in range(lo, hi):
+            index = int(self.plan.order[position])
+            if index not in spooled:
+                raise ValueError(f'{self.spool.path(shard)}: image {index} missing (interrupted import? rerun it)')
+            rec = np.frombuffer(spooled[index], dtype=self.dtype).copy()
+            path = self.paths[index]
+            if self.mixing:
+                self._check_partners(rec, index, path)
+            rel = os.path.splitext(os.path.relpath(path, self.root))[0]
+            ext = os.path.splitext(path)[1].lstrip('.').lower()
+            if ext not in IMAGE_EXTS:
+                raise ValueError(f'--data-dir: {path}: extension {ext!r} cannot be stored (expected one of '
+                                 f'{", ".join(IMAGE_EXTS)})')
+            with open(path, 'rb') as f:
+                data = f.read()
+            out.append({'index': index, 'key': f'{index:08d}_{sanitize_key(rel)}', 'ext': ext, 'image': data,
+                        'label': int(self.labels[index]), 'records': rec})
+        return out
+
+    def _check_partners(self, rec: np.ndarray, index: int, path: str) -> None:
+        mixed = np.flatnonzero(rec['flags'] & (FLAG_MIXUP | FLAG_CUTMIX))
+        for k in mixed:
+            partner = int(self.plan.order[int(rec['mix_ref'][k])])
+            width, height = (int(v) for v in self.sizes[partner])
+            check_crops(rec['mix_crop'][k:k + 1], width, height,
+                        f'image {index} ({path}) sample {k}: partner image {partner} ({self.paths[partner]})')
+
+
+def _content_config(cfg: MldrConfig, rdata: str, num_images: int, num_classes: int, shard_size: int, seed: int,
+                    dtype: np.dtype) -> Dict[str, Any]:
+    return json.loads(json.dumps({
+        'schema_version': SCHEMA_VERSION,
+        'imported_from': {'format': 'ml-dr', 'rdata': os.path.basename(os.path.normpath(rdata)),
+                          'reinforce': cfg.raw, 'teacher': cfg.teacher},
+        'dataset': {'name': 'imagefolder', 'num_images': num_images},
+        'augmentation': cfg.spec.to_dict(),
+        'num_samples': cfg.num_samples,
+        'topk': cfg.topk,
+        'num_classes': num_classes,
+        'seed': seed,
+        'shard_size': shard_size,
+        'record_dtype': dtype.descr,
+    }))
+
+
+def import_mldr(
+        rdata: str,
+        data_dir: str,
+        output: str,
+        *,
+        num_classes: Optional[int] = None,
+        shard_size: int = 1000,
+        seed: int = 0,
+        workers: int = 4,
+        progress: bool = True,
+) -> Dict[str, Any]:
+    """Convert an ml-dr rdata archive (or its directory) + the ImageFolder it was made from into this project's
+    reinforced shards in ``output``; returns the merged ``reinforce.json``.
+
+    Images go to shards in :func:`import_order`; each shard is written (temporary name, renamed) with a sidecar by
+    ``writer.ShardStore``, so a rerun skips finished shards (and, once pass 1 finished, the archive).
+
+    Raises:
+        MldrFormatError / ValueError: naming the file, flag or image at fault (nothing already written is lost).
+    """
+    samples, classes = imagefolder_index(data_dir)
+    if not samples:
+        raise ValueError(f'--data-dir {data_dir}: no images')
+    paths, labels = [p for p, _ in samples], [c for _, c in samples]
+    num_classes = int(num_classes or len(classes))
+    order = import_order(len(paths), seed)
+    positions = np.argsort(order)
+    plan = ShardPlan(order, int(shard_size))
+    spool_dir = os.path.join(output, SPOOL_DIR)
+    stat = os.stat(rdata)
+    info = {'rdata': os.path.abspath(rdata), 'rdata_bytes': stat.st_size, 'rdata_mtime': stat.st_mtime,
+            'data_dir': os.path.abspath(data_dir), 'num_images': len(paths), 'num_classes': num_classes,
+            'shard_size': plan.shard_size, 'seed': seed}
+
+    def parse(where: str, data: bytes) -> Tuple[MldrConfig, np.dtype]:
+        cfg = parse_config(load_torch_save(data, where), where)
+        if cfg.topk > num_classes:
+            raise MldrFormatError(f'{where}: topk={cfg.topk} but --data-dir has {num_classes} classes')
+        with atomic_write(os.path.join(spool_dir, CONFIG_NAME)) as f:
+            f.write(data)
+        return cfg, record_dtype(cfg.topk, num_classes, cfg.spec.name)
+
+    os.makedirs(output, exist_ok=True)
+    sizes = read_done(spool_dir, info)
+    if sizes is None:
+        cfg, sizes = spool_rdata(rdata, paths, parse, num_classes, positions, plan.shard_size, spool_dir, workers,
+                                 progress)
+        write_done(spool_dir, info, sizes)
+    else:
+        with open(os.path.join(spool_dir, CONFIG_NAME), 'rb') as f:
+            cfg, _ = parse(f'{spool_dir}/{CONFIG_NAME}', f.read())
+        _logger.info(f'{output}: the archive was already read (pass 1 complete); writing the remaining shards')
+    dtype = record_dtype(cfg.topk, num_classes, cfg.spec.name)
+    store = ShardStore(output, _content_config(cfg, rdata, len(paths), num_classes, plan.shard_size, seed, dtype))
+    store.check_config()
+    builder = _ShardBuilder(_Spool(spool_dir, dtype.itemsize * cfg.num_samples, clear=False), plan, paths, labels,
+                            data_dir, dtype, sizes, cfg.spec.has_mix)
+    _write_shards(store, builder, plan, cfg.num_samples, workers, progress)
+    meta = store.merge(plan.num_shards, _meta_fields(cfg, rdata, data_dir, classes, num_classes, plan, seed, dtype),
+                       len(paths) * cfg.num_samples)
+    shutil.rmtree(spool_dir, ignore_errors=True)
+    return meta
+
+
+def _write_shards(store: ShardStore, builder: _ShardBuilder, plan: ShardPlan, num_samples: int, workers: int,
+                  progress: bool) -> None:
+    from tqdm import tqdm
+
+    todo = []
+    for s in range(plan.num_shards):
+        lo, hi = plan.shard_range(s)
+        done, why = store.is_complete(s, hi - lo)
+        if not done:
+            if why != 'missing':
+                _logger.info(f'Redoing shard {s:06d}: {why}')
+            todo.append(s)
+    store.clean_stale(todo)
+
+    def one(s: int) -> int:
+        store.write(s, builder.items(s), num_samples)
+        return s
+
+    with tqdm(total=len(todo), unit='shard', disable=not progress, desc='write shards') as pbar:
+        with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+            for _ in pool.map(one, todo):
+                pbar.update(1)
+
+
+def _meta_fields(cfg: MldrConfig, rdata: str, data_dir: str, classes: Sequence[str], num_classes: int,
+                 plan: ShardPlan, seed: int, dtype: np.dtype) -> Dict[str, Any]:
+    h, w = cfg.out_size
+    teacher = {'name': 'ml-dr', 'weights': f'imported: {os.path.abspath(rdata)}', 'mean': list(cfg.mean),
+               'std': list(cfg.std), 'input_size': [3, h, w], 'interpolation': cfg.spec.interpolation}
+    return {
+        'teachers': [teacher],
+        'augmentation': cfg.spec.to_dict(),
+        'topk': cfg.topk,
+        'num_samples': cfg.num_samples,
+        'num_classes': num_classes,
+        'class_names': list(classes) if len(classes) == num_classes else None,
+        'seed': seed,
+        'dataset': {'name': 'imagefolder', 'root': os.path.abspath(data_dir), 'split': 'train'},
+        'num_images': plan.num_images,
+        'shard_size': plan.shard_size,
+        'record_dtype': dtype.descr,
+        'images_stored_as_png': False,
+        'image_order': {'seed': seed, 'salt': IMPORT_ORDER_SALT,
+                        'rule': 'numpy.random.default_rng([seed, salt]).permutation(num_images)[position]',
+                        'index': 'torchvision ImageFolder order of dataset.root (ml-dr image index)'},
+        'imported_from': {'format': 'ml-dr', 'rdata': os.path.abspath(rdata), 'reinforce': cfg.raw,
+                          'teacher': cfg.teacher},
+    }
