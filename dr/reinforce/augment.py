@@ -503,9 +503,12 @@ def erase_(x: torch.Tensor, record: Union[np.void, Dict[str, Any]], spec: Augmen
         x[:, top:top + h, left:left + w] = fill
 
 
-def mix_(x: torch.Tensor, x2: torch.Tensor, record: np.void) -> torch.Tensor:
+def mix_(x: Any, x2: Any, record: np.void) -> Any:
     """Mix a normalised sample ``x`` with its normalised partner ``x2`` as the record says (ml-dr's order: mixup
-    ``lam * x + (1 - lam) * x2``, then the cutmix box of ``x2`` pasted into ``x``). Returns the mixed tensor."""
+    ``lam * x + (1 - lam) * x2``, then the cutmix box of ``x2`` pasted into ``x``). Returns the mixed tensor.
+
+    ``x``/``x2`` are float32 torch tensors or numpy arrays (the training loader): both compute in float32 with the
+    Python scalars rounded to float32, so the results are bit-identical."""
     flags = int(record['flags'])
     if flags & FLAG_MIXUP:
         lam = float(record['mix_lam'])

@@ -639,7 +639,7 @@ class ReinforcedShards(torch.utils.data.IterableDataset):
         self._decoder = SampleDecoder(self.meta, where_flag)
         self._mean_np = np.asarray(self.mean, dtype=np.float32).reshape(-1, 1, 1)
         self._std_np = np.asarray(self.std, dtype=np.float32).reshape(-1, 1, 1)
-        self._fill = erase_fill(self.spec, self.mean, self.std)
+        self._fill = erase_fill(self.spec, self.mean, self.std).numpy()
         # +mix: partners are read by dataset position from the local shard files (``dr.reinforce.partners``)
         self._partners = PartnerImages(meta, where_flag) if self.spec.has_mix else None
 
@@ -724,17 +724,17 @@ class ReinforcedShards(torch.utils.data.IterableDataset):
                              f'expected {self.input_size}')
         return 'fb', x, label
 
-    def _normalize(self, pixels: List[np.ndarray]) -> torch.Tensor:
+    def _normalize(self, pixels: List[np.ndarray]) -> np.ndarray:
         """uint8 HxWx3 replays -> float32 [n, 3, H, W]: ``augment.normalize_uint8``'s float32 ops (x / 255 - mean) /
         std, in numpy: single-threaded, so a loader without workers does not contend with the training step's threads
-        (bit-identical, see the tests)."""
+        (bit-identical, see the tests); erasing and mixing stay in numpy for the same reason."""
         x = np.stack(pixels).transpose(0, 3, 1, 2).astype(np.float32, order='C')
         x /= np.float32(255)
         x -= self._mean_np
         x /= self._std_np
-        return torch.from_numpy(x)
+        return x
 
-    def _erase(self, x: torch.Tensor, box: Optional[np.ndarray]) -> None:
+    def _erase(self, x: np.ndarray, box: Optional[np.ndarray]) -> None:
         if box is not None:
             t, left, eh, ew = re_pixel_box(box, x.shape[-2], x.shape[-1])
             x[:, t:t + eh, left:left + ew] = self._fill
@@ -752,19 +752,21 @@ class ReinforcedShards(torch.utils.data.IterableDataset):
         if len(rd_rows) < n:
             x = torch.empty((n, c, h, w), dtype=torch.float32)
         if rd_rows:
-            normalized = self._normalize([samples[i][1] for i in rd_rows])
+            pixels = self._normalize([samples[i][1] for i in rd_rows])
+            for j, i in enumerate(rd_rows):
+                self._erase(pixels[j], samples[i][5])
+            mixed = [j for j, i in enumerate(rd_rows) if samples[i][6] is not None]
+            if mixed:
+                partners = self._normalize([samples[rd_rows[j]][6][0] for j in mixed])
+                for x2, j in zip(partners, mixed):
+                    _, box, record = samples[rd_rows[j]][6]
+                    self._erase(x2, box)
+                    pixels[j] = mix_(pixels[j], x2, record)  # the same float32 ops on numpy arrays
+            normalized = torch.from_numpy(pixels)
             if len(rd_rows) == n:
                 x = normalized
             else:
                 x[rd_rows] = normalized
-            for i in rd_rows:
-                self._erase(x[i], samples[i][5])
-            mixed = [i for i in rd_rows if samples[i][6] is not None]
-            if mixed:
-                partners = self._normalize([samples[i][6][0] for i in mixed])
-                for x2, i in zip(partners, mixed):
-                    self._erase(x2, samples[i][6][1])
-                    x[i] = mix_(x[i], x2, samples[i][6][2])
             ids = np.stack([samples[i][3] for i in rd_rows])
             probs = np.stack([samples[i][4] for i in rd_rows])
             target[rd_rows] = densify(ids, probs, self.num_classes, mode=self.rd_densify)

@@ -1,0 +1,142 @@
+#!/usr/bin/env python3
+"""Training-loader throughput with mixing (+M*) vs the same loader without it, measured side by side in one run.
+
+Two shard sets are written from the same images with the same augmentation draws: ``rrc+ra_re`` (baseline) and
+``rrc+ra_re+mix`` (candidate: the same records plus a partner from the image's group of ``--mix-group`` images of
+the shard, mixup p=0.5 and cutmix p=0.5, so about 75% of the samples mix). The reinforced training loader
+(``create_reinforced_loader``, as train.py builds it) reads both; a mixing sample additionally reads its partner's
+image from the local shard (``dr.reinforce.partners``: one ``pread``), decodes it, replays the partner's stored
+crop/flip/RandAugment/erase and mixes the two normalised tensors. Epochs alternate in ABBA order after one untimed
+warm-up epoch each; prints samples/s and the ratio mixing / plain (target >= 0.8), JSON with --output.
+
+Examples::
+
+    python benchmarks/mixing_throughput.py                          # digits 32 px PNG, batch 64, 2 workers, CPU
+    python benchmarks/mixing_throughput.py -j 0 --digits-size 384 --img-size 224 --image-format jpg \
+        --max-images 512 --epochs 4                                 # ImageNet-like decode cost per sample
+"""
+import argparse
+import json
+import logging
+import os
+import sys
+import tempfile
+from typing import Any, Dict, List
+
+import numpy as np
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from loader_throughput import MEAN, STD, BenchImages, build_rd_loader, run_rounds, summarise  # noqa: E402
+
+from dr.io import atomic_write, sha256_file, software_versions  # noqa: E402
+from dr.reinforce.augment import create_augment_spec, sample_mix_records, sample_records  # noqa: E402
+from dr.reinforce.format import SCHEMA_VERSION, build_shard, encode_records, record_dtype, shard_name  # noqa: E402
+from dr.reinforce.loader import check_reinforced  # noqa: E402
+from dr.reinforce.writer import ShardPlan  # noqa: E402
+
+_logger = logging.getLogger('mixing_throughput')
+
+
+def create_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description='Reinforced loader with mixing (+M*) vs without')
+    parser.add_argument('--aug', default='rrc+ra_re', choices=('rrc', 'rrc+ra_re'),
+                        help='the baseline family; the candidate is the same with +mix')
+    parser.add_argument('--digits-size', type=int, default=32, help='side of the stored digits images')
+    parser.add_argument('--img-size', type=int, default=32, help='student input size')
+    parser.add_argument('--image-format', default='png', choices=('png', 'jpg'), help='stored image encoding')
+    parser.add_argument('--max-images', type=int, default=0, help='only the first N digits (0: all 1438)')
+    parser.add_argument('--num-samples', type=int, default=400, help='stored augmentations per image')
+    parser.add_argument('--topk', type=int, default=10, help='stored classes per augmentation')
+    parser.add_argument('--shard-size', type=int, default=256, help='images per shard')
+    parser.add_argument('--mix-group', type=int, default=8, help='partners: images per group of a shard')
+    parser.add_argument('-b', '--batch-size', type=int, default=64)
+    parser.add_argument('-j', '--workers', type=int, default=2)
+    parser.add_argument('--epochs', type=int, default=3, help='timed epochs per loader (after one warm-up epoch)')
+    parser.add_argument('--shuffle-buffer', type=int, default=1000)
+    parser.add_argument('--seed', type=int, default=0)
+    parser.add_argument('--work-dir', default='', help='where to write the shards (default: tmp)')
+    parser.add_argument('--output', default='', help='JSON result file')
+    return parser
+
+
+def write_shards(images: BenchImages, out_dir: str, aug: str, args) -> str:
+    """Shards of ``images`` with the same per-image draws for every ``aug`` (the partner fields come last)."""
+    os.makedirs(out_dir, exist_ok=True)
+    spec = create_augment_spec(aug, **({'mix_group': args.mix_group} if aug.endswith('+mix') else {}))
+    num_classes = len(images.classes)
+    dtype = record_dtype(args.topk, num_classes, spec.name)
+    plan = ShardPlan(np.arange(len(images)), args.shard_size)
+    size = (images.size, images.size)
+    shards = []
+    for s in range(plan.num_shards):
+        samples, image_bytes = [], 0
+        for p in range(*plan.shard_range(s)):
+            rng = np.random.default_rng([args.seed, p])
+            rec = sample_records(rng, images.size, images.size, spec, args.num_samples, dtype)
+            if spec.has_mix:
+                mates = plan.mix_partners(p, spec.mix_group)
+                sample_mix_records(rng, rec, mates, [size] * len(mates), spec)
+            probs = rng.dirichlet(np.full(num_classes, 0.3), size=args.num_samples)
+            order = np.argsort(-probs, axis=1)[:, :args.topk]
+            rec['ids'] = order
+            rec['probs'] = np.take_along_axis(probs, order, axis=1).astype(np.float16)
+            data = images.encoded(p)
+            image_bytes += len(data)
+            samples.append({'key': images.key(p), 'image_ext': images.ext, 'image': data, 'label': images.label(p),
+                            'records': encode_records(rec)})
+        path = os.path.join(out_dir, shard_name(s))
+        with atomic_write(path) as f:
+            f.write(build_shard(samples))
+        shards.append({'name': shard_name(s), 'count': len(samples), 'sha256': sha256_file(path),
+                       'bytes': os.path.getsize(path), 'image_bytes': image_bytes})
+    meta = {
+        'schema_version': SCHEMA_VERSION,
+        'teachers': [{'name': 'fake', 'weights': 'random top-k (benchmark)', 'mean': list(MEAN), 'std': list(STD),
+                      'input_size': [3, images.size, images.size], 'interpolation': 'bilinear'}],
+        'augmentation': spec.to_dict(), 'topk': args.topk, 'num_samples': args.num_samples,
+        'num_classes': num_classes, 'class_names': list(images.classes), 'seed': args.seed,
+        'dataset': {'name': 'digits', 'root': None, 'split': 'train'}, 'num_images': len(images),
+        'shards': shards, 'versions': software_versions(),
+    }
+    with atomic_write(os.path.join(out_dir, 'reinforce.json'), 'w') as f:
+        json.dump(meta, f, indent=1)
+    return out_dir
+
+
+def main(argv: List[str] = None) -> Dict[str, Any]:
+    args = create_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format='%(message)s')
+    images = BenchImages(args.digits_size, args.image_format, args.max_images)
+    num_classes = len(images.classes)
+    work = args.work_dir or tempfile.mkdtemp(prefix='mixing_throughput_')
+    plain, mixing = args.aug, args.aug + '+mix'
+    loaders = {}
+    for name in (plain, mixing):
+        rd_dir = write_shards(images, os.path.join(work, name.replace('+', '_')), name, args)
+        loader = build_rd_loader(rd_dir, check_reinforced(rd_dir, num_classes), num_classes, args)
+        loaders[name] = (loader, loader.set_epoch)
+    runs = run_rounds(loaders, args.epochs)
+    summary = summarise(runs, plain, mixing)
+    setting = (f'{len(images)} images ({args.image_format}, {args.digits_size} px) at {args.img_size} px, batch '
+               f'{args.batch_size}, workers {args.workers}, {args.num_samples} x top-{args.topk}, mix group '
+               f'{args.mix_group}')
+    result = {'config': dict(vars(args)), 'setting': setting, 'device': 'cpu', 'cpu_count': os.cpu_count(),
+              'torch_threads': torch.get_num_threads(), 'summary': summary,
+              'ratio_mixing_over_plain': summary['ratio'], 'runs': runs, 'versions': software_versions()}
+    print(f'\n{setting}')
+    for name in (plain, mixing):
+        print(f'{name:>14}: {summary[name]["samples_per_s"]:8.0f} samples/s '
+              f'(median epoch {summary[name]["median_samples_per_s"]:.0f})')
+    print(f'ratio {mixing} / {plain}: {summary["ratio"]:.3f} (paired median {summary["paired_median_ratio"]:.3f}'
+          + (f', per-sample CPU time {summary["cpu_ratio"]:.3f}' if args.workers == 0 else '') + '; target >= 0.8)')
+    if args.output:
+        with atomic_write(args.output, 'w') as f:
+            json.dump(result, f, indent=2)
+    return result
+
+
+if __name__ == '__main__':
+    main()
