@@ -11,15 +11,17 @@ import numpy as np
 import torch
 
 from ..io import atomic_write, sha256_file
-from .augment import decode_image, replay
+from .augment import decode_image, needs_partner, replay
 from .format import (
     META_NAME,
+    aug_has_mix,
     check_records,
     decode_records,
     dtype_from_descr,
     iter_shard,
     load_meta,
 )
+from .partners import PartnerImages
 
 _logger = logging.getLogger(__name__)
 
@@ -131,9 +133,11 @@ def verify_dir(
         if list(teacher.names) != names:
             raise ValueError(f'--teacher {" ".join(teacher.names)} does not match the shards\' teachers '
                              f'{" ".join(names)} ({meta["_path"]})')
+        partners = PartnerImages(meta) if aug_has_mix(meta['augmentation'].get('name')) else None
         for where, data, rec, _ in replays:
             img = decode_image(data)
-            inputs = [replay(img, rec, meta, m).unsqueeze(0).to(device) for m in range(len(names))]
+            partner = partners.get(int(rec['mix_ref']))[2] if partners and needs_partner(rec) else None  # +mix
+            inputs = [replay(img, rec, meta, m, partner=partner).unsqueeze(0).to(device) for m in range(len(names))]
             amp = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext()
             with torch.inference_mode(), amp:
                 fresh = teacher.forward_members(inputs)[0]

@@ -244,3 +244,14 @@ def test_cli_mix_output_loads_and_shows(ckpts, tmp_path, capsys):
                 partner = Image.open(io.BytesIO(partners.get(int(rec['mix_ref'][k]))[2])).convert('RGB')
             expected = apply_record(img, rec[k], spec, (16, 16), t['mean'], t['std'], t['interpolation'], partner)
             assert np.array_equal(shown[f'{i}_{k}'], expected.numpy())
+
+
+def test_verify_replays_mixing_samples_through_the_teacher(ckpts, tmp_path, capsys):
+    out = tmp_path / 'rd'
+    args = ['--dataset', 'digits', '--max-images', '8', '--num-samples', '4', '--topk', '3', '--shard-size', '4',
+            '--teacher', ckpts[0], '--teacher-img-size', '16', '-b', '16', '-j', '0', '--device', 'cpu',
+            '--no-progress', '--aug', 'rrc+ra_re+mix', '--mix-group', '4']
+    assert reinforce.main(args + ['--output', str(out)]) == 0
+    assert reinforce.main(['--verify', str(out), '--teacher', ckpts[0], '--teacher-img-size', '16',
+                           '--verify-samples', '32', '--device', 'cpu']) == 0
+    assert 'OK' in capsys.readouterr().out
