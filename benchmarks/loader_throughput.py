@@ -51,9 +51,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from dr.data import DigitsDataset  # noqa: E402
 from dr.io import atomic_write, sha256_file, software_versions  # noqa: E402
-from dr.reinforce.augment import AugmentSpec, create_augment_spec, sample_records  # noqa: E402
+from dr.reinforce.augment import AugmentSpec, create_augment_spec, sample_mix_records, sample_records  # noqa: E402
 from dr.reinforce.format import SCHEMA_VERSION, build_shard, encode_records, record_dtype, shard_name  # noqa: E402
 from dr.reinforce.loader import check_reinforced, create_reinforced_loader  # noqa: E402
+from dr.reinforce.writer import ShardPlan  # noqa: E402
 
 _logger = logging.getLogger('loader_throughput')
 
@@ -234,19 +235,24 @@ def write_image_folder(images: BenchImages, root: str) -> str:
 
 
 def write_fake_shards(images: BenchImages, out_dir: str, num_samples: int, topk: int, shard_size: int,
-                      seed: int) -> str:
-    """Shards in the reinforce.py format with real augmentation parameters and random teacher top-k records."""
+                      seed: int, aug: str = 'rrc+ra_re', mix_group: int = 8) -> str:
+    """Shards in the reinforce.py format with real augmentation parameters and random teacher top-k records
+    (``+mix`` augmentations: partners within groups of ``mix_group`` images of a shard, as reinforce.py draws them)."""
     os.makedirs(out_dir, exist_ok=True)
-    spec = create_augment_spec('rrc+ra_re')
+    spec = create_augment_spec(aug, **({'mix_group': mix_group} if aug.endswith('+mix') else {}))
     num_classes = len(images.classes)
     dtype = record_dtype(topk, num_classes, spec.name)
     rng = np.random.default_rng(seed)
+    plan = ShardPlan(np.arange(len(images)), shard_size)
     shards = []
     for s, start in enumerate(range(0, len(images), shard_size)):
         samples = []
         image_bytes = 0
         for i in range(start, min(start + shard_size, len(images))):
             rec = sample_records(rng, images.size, images.size, spec, num_samples, dtype)
+            if spec.has_mix:
+                mates = plan.mix_partners(i, spec.mix_group)
+                sample_mix_records(rng, rec, mates, [(images.size, images.size)] * len(mates), spec)
             logits = rng.normal(size=(num_samples, num_classes))
             logits[:, images.label(i)] += 4.0
             probs = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)

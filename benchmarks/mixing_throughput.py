@@ -1,9 +1,9 @@
 #!/usr/bin/env python3
 """Training-loader throughput with mixing (+M*) vs the same loader without it, measured side by side in one run.
 
-Two shard sets are written from the same images with the same augmentation draws: ``rrc+ra_re`` (baseline) and
-``rrc+ra_re+mix`` (candidate: the same records plus a partner from the image's group of ``--mix-group`` images of
-the shard, mixup p=0.5 and cutmix p=0.5, so about 75% of the samples mix). The reinforced training loader
+Two shard sets are written from the same images (``loader_throughput.write_fake_shards``): ``rrc+ra_re`` (baseline)
+and ``rrc+ra_re+mix`` (candidate: a partner from the image's group of ``--mix-group`` images of the shard, mixup
+p=0.5 and cutmix p=0.5, so about 75% of the samples mix). The reinforced training loader
 (``create_reinforced_loader``, as train.py builds it) reads both; a mixing sample additionally reads its partner's
 image from the local shard (``dr.reinforce.partners``: one ``pread``), decodes it, replays the partner's stored
 crop/flip/RandAugment/erase and mixes the two normalised tensors. Epochs alternate in ABBA order after one untimed
@@ -23,19 +23,15 @@ import sys
 import tempfile
 from typing import Any, Dict, List
 
-import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from loader_throughput import MEAN, STD, BenchImages, build_rd_loader, run_rounds, summarise  # noqa: E402
+from loader_throughput import BenchImages, build_rd_loader, run_rounds, summarise, write_fake_shards  # noqa: E402
 
-from dr.io import atomic_write, sha256_file, software_versions  # noqa: E402
-from dr.reinforce.augment import create_augment_spec, sample_mix_records, sample_records  # noqa: E402
-from dr.reinforce.format import SCHEMA_VERSION, build_shard, encode_records, record_dtype, shard_name  # noqa: E402
+from dr.io import atomic_write, software_versions  # noqa: E402
 from dr.reinforce.loader import check_reinforced  # noqa: E402
-from dr.reinforce.writer import ShardPlan  # noqa: E402
 
 _logger = logging.getLogger('mixing_throughput')
 
@@ -62,50 +58,6 @@ def create_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def write_shards(images: BenchImages, out_dir: str, aug: str, args) -> str:
-    """Shards of ``images`` with the same per-image draws for every ``aug`` (the partner fields come last)."""
-    os.makedirs(out_dir, exist_ok=True)
-    spec = create_augment_spec(aug, **({'mix_group': args.mix_group} if aug.endswith('+mix') else {}))
-    num_classes = len(images.classes)
-    dtype = record_dtype(args.topk, num_classes, spec.name)
-    plan = ShardPlan(np.arange(len(images)), args.shard_size)
-    size = (images.size, images.size)
-    shards = []
-    for s in range(plan.num_shards):
-        samples, image_bytes = [], 0
-        for p in range(*plan.shard_range(s)):
-            rng = np.random.default_rng([args.seed, p])
-            rec = sample_records(rng, images.size, images.size, spec, args.num_samples, dtype)
-            if spec.has_mix:
-                mates = plan.mix_partners(p, spec.mix_group)
-                sample_mix_records(rng, rec, mates, [size] * len(mates), spec)
-            probs = rng.dirichlet(np.full(num_classes, 0.3), size=args.num_samples)
-            order = np.argsort(-probs, axis=1)[:, :args.topk]
-            rec['ids'] = order
-            rec['probs'] = np.take_along_axis(probs, order, axis=1).astype(np.float16)
-            data = images.encoded(p)
-            image_bytes += len(data)
-            samples.append({'key': images.key(p), 'image_ext': images.ext, 'image': data, 'label': images.label(p),
-                            'records': encode_records(rec)})
-        path = os.path.join(out_dir, shard_name(s))
-        with atomic_write(path) as f:
-            f.write(build_shard(samples))
-        shards.append({'name': shard_name(s), 'count': len(samples), 'sha256': sha256_file(path),
-                       'bytes': os.path.getsize(path), 'image_bytes': image_bytes})
-    meta = {
-        'schema_version': SCHEMA_VERSION,
-        'teachers': [{'name': 'fake', 'weights': 'random top-k (benchmark)', 'mean': list(MEAN), 'std': list(STD),
-                      'input_size': [3, images.size, images.size], 'interpolation': 'bilinear'}],
-        'augmentation': spec.to_dict(), 'topk': args.topk, 'num_samples': args.num_samples,
-        'num_classes': num_classes, 'class_names': list(images.classes), 'seed': args.seed,
-        'dataset': {'name': 'digits', 'root': None, 'split': 'train'}, 'num_images': len(images),
-        'shards': shards, 'versions': software_versions(),
-    }
-    with atomic_write(os.path.join(out_dir, 'reinforce.json'), 'w') as f:
-        json.dump(meta, f, indent=1)
-    return out_dir
-
-
 def main(argv: List[str] = None) -> Dict[str, Any]:
     args = create_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format='%(message)s')
@@ -115,7 +67,8 @@ def main(argv: List[str] = None) -> Dict[str, Any]:
     plain, mixing = args.aug, args.aug + '+mix'
     loaders = {}
     for name in (plain, mixing):
-        rd_dir = write_shards(images, os.path.join(work, name.replace('+', '_')), name, args)
+        rd_dir = write_fake_shards(images, os.path.join(work, name.replace('+', '_')), args.num_samples, args.topk,
+                                   args.shard_size, args.seed, aug=name, mix_group=args.mix_group)
         loader = build_rd_loader(rd_dir, check_reinforced(rd_dir, num_classes), num_classes, args)
         loaders[name] = (loader, loader.set_epoch)
     runs = run_rounds(loaders, args.epochs)
