@@ -8,6 +8,7 @@ from .mldr import (
            load_torch_save,
            parse_config,
 )
+from .mldr_job import import_mldr
 
 __all__ = ['MldrConfig', 'MldrFormatError', 'RestrictedUnpickler', 'convert_image', 'iter_rdata', 'load_torch_save',
-           'parse_config']
+           'parse_config', 'import_mldr']
