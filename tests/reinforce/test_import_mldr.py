@@ -282,11 +282,11 @@ def test_import_then_show_replays_what_the_authors_students_saw(variant, tmp_pat
 
 
 @needs_fixture
-def test_import_directory_equals_tarball_and_reruns_resume(tmp_path):
+def test_import_directory_equals_tarball_and_reruns_resume(tmp_path, capsys):
     with tarfile.open(os.path.join(FIXTURE, 'rrc_ra_re_mix', 'reinforced_data.tar.gz')) as tar:
         tar.extractall(tmp_path / 'x', filter='data')
     assert _import(os.path.join(FIXTURE, 'rrc_ra_re_mix', 'reinforced_data.tar.gz'), tmp_path / 'a') == 0
-    assert _import(tmp_path / 'x' / 'reinforced_data', tmp_path / 'b') == 0
+    assert _import(tmp_path / 'x' / 'reinforced_data', tmp_path / 'b', '-j', '2') == 0  # converter processes
     shards = sorted(p.name for p in (tmp_path / 'a').glob('*.tar'))
     assert len(shards) == 4 and not (tmp_path / 'a' / '.mldr_import').exists()
     for name in shards:
@@ -299,8 +299,10 @@ def test_import_directory_equals_tarball_and_reruns_resume(tmp_path):
     os.unlink(tmp_path / 'a' / shards[1])
     assert _import(os.path.join(FIXTURE, 'rrc_ra_re_mix', 'reinforced_data.tar.gz'), tmp_path / 'a') == 0
     assert (tmp_path / 'a' / shards[1]).read_bytes() == before
-    # another configuration into the same output is refused
+    # another configuration into the same output is refused, and nothing there is touched
     assert _import(os.path.join(FIXTURE, 'rrc', 'reinforced_data.tar.gz'), tmp_path / 'a') == 2
+    assert (tmp_path / 'a' / shards[1]).read_bytes() == before
+    assert 'holds shards from a different configuration' in capsys.readouterr().err
 
 
 @needs_fixture

@@ -234,13 +234,17 @@ def _run_tasks(first_task: List[Tuple], tasks: Iterator[List[Tuple]], consume: C
     pending: Deque[concurrent.futures.Future] = collections.deque()
     with concurrent.futures.ProcessPoolExecutor(max_workers=workers, initializer=_init_worker,
                                                 initargs=init_args) as pool:
-        pending.append(pool.submit(_convert_task, first_task))
-        for task in tasks:
-            pending.append(pool.submit(_convert_task, task))
-            if len(pending) >= 2 * workers:
+        try:
+            pending.append(pool.submit(_convert_task, first_task))
+            for task in tasks:
+                pending.append(pool.submit(_convert_task, task))
+                if len(pending) >= 2 * workers:
+                    consume(pending.popleft().result())
+            while pending:
                 consume(pending.popleft().result())
-        while pending:
-            consume(pending.popleft().result())
+        except BaseException:
+            pool.shutdown(wait=True, cancel_futures=True)  # the first error wins; queued conversions are dropped
+            raise
 
 
 def write_done(spool_dir: str, info: Dict[str, Any], sizes: np.ndarray) -> None:
@@ -368,9 +372,13 @@ def import_mldr(
         cfg = parse_config(load_torch_save(data, where), where)
         if cfg.topk > num_classes:
             raise MldrFormatError(f'{where}: topk={cfg.topk} but --data-dir has {num_classes} classes')
+        dtype = record_dtype(cfg.topk, num_classes, cfg.spec.name)
+        # an --output of another configuration is refused before anything is converted or spooled
+        ShardStore(output, _content_config(cfg, rdata, len(paths), num_classes, plan.shard_size, seed,
+                                           dtype)).check_config()
         with atomic_write(os.path.join(spool_dir, CONFIG_NAME)) as f:
             f.write(data)
-        return cfg, record_dtype(cfg.topk, num_classes, cfg.spec.name)
+        return cfg, dtype
 
     os.makedirs(output, exist_ok=True)
     sizes = read_done(spool_dir, info)
