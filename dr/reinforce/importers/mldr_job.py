@@ -18,6 +18,7 @@ from typing import Any, Callable, Deque, Dict, Iterator, List, Optional, Sequenc
 
 import numpy as np
 from PIL import Image
+from tqdm import tqdm
 
 from ...io import atomic_write
 from ..format import (
@@ -180,8 +181,6 @@ def spool_rdata(
     Raises:
         MldrFormatError: naming the file at fault; a size mismatch between the archive and the folder.
     """
-    from tqdm import tqdm
-
     num_images = len(paths)
     state: Dict[str, Any] = {}
 
@@ -404,8 +403,6 @@ def import_mldr(
 
 def _write_shards(store: ShardStore, builder: _ShardBuilder, plan: ShardPlan, num_samples: int, workers: int,
                   progress: bool) -> None:
-    from tqdm import tqdm
-
     todo = []
     for s in range(plan.num_shards):
         lo, hi = plan.shard_range(s)
