@@ -28,7 +28,7 @@ from dr.reinforce.importers.mldr_job import import_mldr
 from dr.reinforce.show import save_npz, save_png, show_samples
 from dr.reinforce.sources import create_source
 from dr.reinforce.teachers import create_teacher
-from dr.reinforce.verify import DEFAULT_VERIFY_ATOL, FP16_RTOL, compute_stats, verify_dir, write_stats
+from dr.reinforce.verify import DEFAULT_VERIFY_ATOL, FP16_RTOL, compute_stats, incomplete_run, verify_dir, write_stats
 from dr.reinforce.writer import Reinforcer
 
 _logger = logging.getLogger('reinforce')
@@ -57,7 +57,8 @@ def create_parser() -> Tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     group.add_argument('--pretrained', action='store_true', default=False,
                        help='hub weights for teachers given without a checkpoint')
     group.add_argument('--teacher-img-size', type=int, default=None, metavar='N',
-                       help="override every member's input resolution (default: each member's pretrained cfg)")
+                       help="override every member's input resolution (default: each member's pretrained cfg); "
+                            "--verify with --teacher needs the value the shards were written with")
     group.add_argument('--amp', action='store_true', default=False, help='run the teacher under autocast')
     group.add_argument('--amp-dtype', default='bfloat16', choices=('bfloat16', 'float16'),
                        help='autocast dtype (default: bfloat16)')
@@ -155,11 +156,14 @@ def _amp_dtype(args) -> Optional[torch.dtype]:
 
 
 def run_verify(args) -> int:
+    message = incomplete_run(args.verify)
+    if message:
+        raise FileNotFoundError(message)
     meta = load_meta(args.verify)
     teacher = None
     if args.teacher:
         teacher = create_teacher(args.teacher, int(meta['num_classes']), pretrained=args.pretrained,
-                                 device=args.device)
+                                 img_size=args.teacher_img_size, device=args.device)
     report = verify_dir(args.verify, teacher=teacher, num_replays=args.verify_samples if teacher else 0,
                         seed=args.seed, atol=args.verify_atol, rtol=args.verify_rtol, device=args.device,
                         amp_dtype=_amp_dtype(args))

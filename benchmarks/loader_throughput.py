@@ -24,6 +24,11 @@ the hand-written tar parser it used before (``handwritten_tar_members`` below); 
 ratio is also given as the median of the per-round ratios (with ``-j 0`` also of the process CPU time per sample,
 which other jobs on the machine disturb less).
 
+``--compare-checks`` times the reinforced loader with its tamper checks (schema-2 per-sample checksums, duplicate-key
+detection) against the same loader with them switched off reading the same images and records written in the
+version-1 layout (no checksum members), the same way: the whole cost, reading the extra member included. It also
+times the checks alone on the shards' samples (robust to the machine's load).
+
 Examples::
 
     python benchmarks/loader_throughput.py                          # digits 32 px, batch 64, 2 workers, CPU
@@ -31,6 +36,7 @@ Examples::
     python benchmarks/loader_throughput.py --compare-tar-readers -j 0 --epochs 8
     python benchmarks/loader_throughput.py --compare-tar-readers -j 0 --digits-size 384 --img-size 224 \
         --image-format jpg --max-images 512                         # ImageNet-like decode cost per sample
+    python benchmarks/loader_throughput.py --compare-checks -j 0 --epochs 8
 """
 import argparse
 import io
@@ -53,7 +59,7 @@ from dr.data import DigitsDataset  # noqa: E402
 from dr.io import atomic_write, sha256_file, software_versions  # noqa: E402
 from dr.reinforce.augment import AugmentSpec, create_augment_spec, sample_mix_records, sample_records  # noqa: E402
 from dr.reinforce.format import SCHEMA_VERSION, build_shard, encode_records, record_dtype, shard_name  # noqa: E402
-from dr.reinforce.loader import check_reinforced, create_reinforced_loader  # noqa: E402
+from dr.reinforce.loader import SampleDecoder, _ShardReader, check_reinforced, create_reinforced_loader  # noqa: E402
 from dr.reinforce.writer import ShardPlan  # noqa: E402
 
 _logger = logging.getLogger('loader_throughput')
@@ -79,6 +85,9 @@ def create_parser() -> argparse.ArgumentParser:
     parser.add_argument('--image-format', default='png', choices=('png', 'jpg'),
                         help='how the images are stored (folder and shards alike)')
     parser.add_argument('--max-images', type=int, default=0, help='only the first N digits (0: all 1438)')
+    parser.add_argument('--compare-checks', action='store_true',
+                        help='time the reinforced loader with and without its tamper checks (per-sample checksums '
+                             'and duplicate keys)')
     parser.add_argument('--compare-tar-readers', action='store_true',
                         help='time the reinforced loader with WebDataset\'s tar reader vs a hand-written one')
     parser.add_argument('--work-dir', default='', help='where to write the image folder and shards (default: tmp)')
@@ -235,9 +244,10 @@ def write_image_folder(images: BenchImages, root: str) -> str:
 
 
 def write_fake_shards(images: BenchImages, out_dir: str, num_samples: int, topk: int, shard_size: int,
-                      seed: int, aug: str = 'rrc+ra_re', mix_group: int = 8) -> str:
+                      seed: int, schema: int = SCHEMA_VERSION, aug: str = 'rrc+ra_re', mix_group: int = 8) -> str:
     """Shards in the reinforce.py format with real augmentation parameters and random teacher top-k records
-    (``+mix`` augmentations: partners within groups of ``mix_group`` images of a shard, as reinforce.py draws them)."""
+    (``schema=1``: the version-1 layout, without the per-sample checksum members; ``+mix`` augmentations: partners
+    within groups of ``mix_group`` images of a shard, as reinforce.py draws them)."""
     os.makedirs(out_dir, exist_ok=True)
     spec = create_augment_spec(aug, **({'mix_group': mix_group} if aug.endswith('+mix') else {}))
     num_classes = len(images.classes)
@@ -262,14 +272,14 @@ def write_fake_shards(images: BenchImages, out_dir: str, num_samples: int, topk:
             data = images.encoded(i)
             image_bytes += len(data)
             samples.append({'key': images.key(i), 'image_ext': images.ext, 'image': data, 'label': images.label(i),
-                            'records': encode_records(rec)})
+                            'records': encode_records(rec), 'index': i})
         path = os.path.join(out_dir, shard_name(s))
         with atomic_write(path) as f:
-            f.write(build_shard(samples))
+            f.write(build_shard(samples, shard=shard_name(s) if schema >= 2 else None))
         shards.append({'name': shard_name(s), 'count': len(samples), 'sha256': sha256_file(path),
                        'bytes': os.path.getsize(path), 'image_bytes': image_bytes})
     meta = {
-        'schema_version': SCHEMA_VERSION,
+        'schema_version': schema,
         'teachers': [{'name': 'fake', 'weights': 'random top-k (benchmark)', 'mean': list(MEAN), 'std': list(STD),
                       'input_size': [3, images.size, images.size], 'interpolation': 'bilinear'}],
         'augmentation': spec.to_dict(), 'topk': topk, 'num_samples': num_samples, 'num_classes': num_classes,
@@ -324,6 +334,29 @@ def summarise(runs: Dict[str, List[Dict[str, float]]], baseline: str, candidate:
     return summary
 
 
+def checks_alone(meta: Dict[str, Any], repeats: int = 5) -> float:
+    """Seconds per sample of the tamper checks alone (checksum + duplicate-key lookup) on the shards' samples, the
+    best of ``repeats`` passes: the loader's cost of them, free of the run-to-run noise of whole epochs."""
+    decoder = SampleDecoder(meta)
+    samples = []
+    counts = {str(e['name']): int(e['count']) for e in meta['shards']}
+    for url in meta['_urls']:
+        count = counts[os.path.basename(url)]
+        samples += list(_ShardReader(url).samples(0, count, count))
+    best = float('inf')
+    for _ in range(repeats):
+        seen: Dict[Any, Any] = {}
+        t0 = time.process_time()
+        for sample in samples:
+            decoder.check_sum(sample)
+            key = (sample['__key__'], 0)
+            if key in seen:
+                raise RuntimeError(f'duplicate key {key}')
+            seen[key] = sample['__url__']
+        best = min(best, (time.process_time() - t0) / len(samples))
+    return best
+
+
 def build_timm_loader(folder: str, num_images: int, spec: AugmentSpec, args) -> Tuple[Any, str]:
     """timm's loader over the image folder with the shards' augmentation family; (loader, auto_augment string)."""
     from timm.data import ImageDataset, create_loader
@@ -343,7 +376,8 @@ def build_timm_loader(folder: str, num_images: int, spec: AugmentSpec, args) -> 
 
 
 def build_rd_loader(rd_dir: str, meta: Dict[str, Any], num_classes: int, args, **variant) -> Any:
-    """The reinforced loader as train.py builds it; ``variant`` sets attributes of its dataset (benchmark switches)."""
+    """The reinforced loader as train.py builds it; ``variant`` sets attributes of its dataset (``tar_members``,
+    ``integrity_checks``: the benchmark switches)."""
     loader = create_reinforced_loader(
         rd_dir, meta, batch_size=args.batch_size, num_workers=args.workers,
         input_size=(3, args.img_size, args.img_size), mean=MEAN, std=STD, interpolation='bilinear', rd_p=1.0,
@@ -367,7 +401,16 @@ def main(argv: List[str] = None) -> Dict[str, Any]:
     setting = (f'{meta["num_images"]} images ({args.image_format}, {args.digits_size} px) at {args.img_size} px, '
                f'batch {args.batch_size}, workers {args.workers}, stored augmentations {meta["num_samples"]} x '
                f'top-{meta["topk"]}')
-    if args.compare_tar_readers:
+    if args.compare_checks:
+        # baseline: the same images and records in the version-1 layout (no checksum members), checks off
+        v1_dir = write_fake_shards(images, os.path.join(work, 'shards_v1'), args.num_samples, args.topk,
+                                   args.shard_size, args.seed, schema=1)
+        v1_meta = check_reinforced(v1_dir, num_classes)
+        baseline, candidate, target = 'unchecked', 'checked', '>= 0.98 (the checks cost <= 2%)'
+        loaders = {baseline: build_rd_loader(v1_dir, v1_meta, num_classes, args, integrity_checks=False),
+                   candidate: build_rd_loader(rd_dir, meta, num_classes, args)}
+        loaders = {k: (v, v.set_epoch) for k, v in loaders.items()}
+    elif args.compare_tar_readers:
         baseline, candidate, target = 'webdataset', 'handwritten', '>= 1.10 would justify a hand-written reader'
         loaders = {baseline: build_rd_loader(rd_dir, meta, num_classes, args),
                    candidate: build_rd_loader(rd_dir, meta, num_classes, args, tar_members=handwritten_tar_members)}
@@ -382,6 +425,12 @@ def main(argv: List[str] = None) -> Dict[str, Any]:
         setting += f', augmentation {spec.name} (timm: auto_augment={auto_augment}, re_prob={spec.re_prob})'
     runs = run_rounds(loaders, args.epochs)
     summary = summarise(runs, baseline, candidate)
+    if args.compare_checks:
+        alone = checks_alone(meta)
+        loader_cpu = statistics.median(r['cpu_seconds'] / r['samples'] for r in runs[baseline])
+        summary['checks_alone_us_per_sample'] = alone * 1e6
+        summary['loader_cpu_us_per_sample'] = loader_cpu * 1e6
+        summary['checks_share_of_loader_cpu'] = alone / loader_cpu
     result = {
         'config': dict(vars(args)), 'setting': setting, 'num_images': meta['num_images'],
         'shard_bytes': sum(s['bytes'] for s in meta['shards']),
@@ -396,6 +445,10 @@ def main(argv: List[str] = None) -> Dict[str, Any]:
     print(f'ratio {candidate} / {baseline}: {summary["ratio"]:.3f} (paired median {summary["paired_median_ratio"]:.3f}'
           + (f', per-sample CPU time {summary["cpu_ratio"]:.3f}' if args.workers == 0 else '')
           + f'; target {target})')
+    if args.compare_checks:
+        print(f'checks alone: {summary["checks_alone_us_per_sample"]:.1f} us per sample'
+              + (f' = {100 * summary["checks_share_of_loader_cpu"]:.2f}% of the loader\'s '
+                 f'{summary["loader_cpu_us_per_sample"]:.0f} us CPU per sample' if args.workers == 0 else ''))
     if args.output:
         with atomic_write(args.output, 'w') as f:
             json.dump(result, f, indent=2)

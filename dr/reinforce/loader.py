@@ -10,7 +10,10 @@ Epoch semantics (``create_reinforced_loader``):
   start of the epoch order (those few images are seen twice, with a different stored augmentation). Rank and worker
   boundaries may fall inside a shard: the shard is then read by both (the second skips the first part) so no image is
   lost or duplicated; each shard is otherwise streamed once, sequentially.
-* Samples pass a seeded shuffle buffer (``shuffle_buffer``; seeded from (seed, epoch, rank, worker)).
+* Each worker reads ``mix_shards`` of its shard pieces at once, drawing every next sample from one of them at random
+  (:func:`interleave_pieces`), and the samples pass a seeded shuffle buffer (``shuffle_buffer``); both are seeded from
+  (seed, epoch, rank, worker). reinforce.py writes the images in a seeded permutation of the dataset, so every shard
+  is already a random mix of classes (``benchmarks/batch_diversity.py``).
 * For each image, one stored augmentation is drawn uniformly by a counter-based generator keyed on
   (seed, epoch, pass, key) (:func:`sample_draws`; pass > 0 only for wrapped padding), as are the ``rd_p`` coin and,
   for samples that do not use their stored reinforcement, the seed of the global RNGs the fallback transform draws
@@ -24,7 +27,9 @@ Epoch semantics (``create_reinforced_loader``):
   label.
 
 A shard that cannot be read (truncated, tampered header, undecodable record or image, missing member, fewer or more
-samples than ``reinforce.json`` lists) raises :class:`ReinforcedDataError` naming the shard URL and the key.
+samples than ``reinforce.json`` lists), a schema-2 sample whose checksum fails (a modified byte, label or class id; a
+shard copied over another) and a key seen twice in a worker's epoch raise :class:`ReinforcedDataError` naming the
+shard URL and the key.
 """
 import contextlib
 import hashlib
@@ -50,6 +55,7 @@ from webdataset.tariterators import group_by_keys, tar_file_iterator
 from ..io import sha256_file
 from .augment import AugmentSpec, apply_record_pil, erase_fill, mix_, needs_partner, partner_fields, re_pixel_box
 from .format import (
+    CHECKSUMS_MEMBER,
     FLAG_ERASE,
     IMAGE_EXTS,
     LABEL_EXT,
@@ -60,15 +66,20 @@ from .format import (
     aug_has_mix,
     aug_has_ra_re,
     check_records,
+    decode_checksums,
     decode_records,
     densify,
+    dtype_from_descr,
     load_meta,
+    sample_checksum,
 )
 from .partners import PartnerImages
+from .verify import incomplete_run, meta_problems
 
 _logger = logging.getLogger(__name__)
 
 Urls = Union[str, Sequence[str]]
+DEFAULT_MIX_SHARDS = 4  # shard pieces a worker reads at once
 
 
 class ReinforcedDataError(ValueError):
@@ -141,6 +152,7 @@ def resolve_reinforced(urls: Urls, where_flag: str = '--reinforced') -> Tuple[Li
             meta_source = meta_source or directory
         else:
             expanded = expand_urls(part)
+            _check_local_parts(expanded, where_flag)
             shard_urls.extend(expanded)
             meta_source = meta_source or expanded[0]
     if meta is None:
@@ -160,7 +172,25 @@ def resolve_reinforced(urls: Urls, where_flag: str = '--reinforced') -> Tuple[Li
     return sorted(seen.values(), key=_shard_basename), meta
 
 
+def _check_local_parts(paths: Sequence[str], where_flag: str) -> None:
+    """A local shard path (or its folder) that does not exist is named as such, not as a missing reinforce.json."""
+    for url in paths:
+        local = _local_path(url)
+        if local is None or os.path.exists(local):
+            continue
+        folder = os.path.dirname(local) or '.'
+        if not local.endswith('.tar'):
+            raise ValueError(f'{where_flag}: {local} does not exist (expected a reinforce.py output folder, its '
+                             f'{META_NAME} or .tar shards)')
+        if not os.path.isdir(folder):
+            raise ValueError(f'{where_flag}: folder {folder} of shard {local} does not exist')
+
+
 def _load_meta(source: str, where_flag: str) -> Dict[str, Any]:
+    local = _local_path(source)
+    message = incomplete_run(local) if local is not None else None
+    if message:
+        raise ValueError(f'{where_flag}: {message}')
     try:
         return load_meta(source)
     except (FileNotFoundError, ValueError) as e:
@@ -209,7 +239,11 @@ def check_reinforced(
     meta_path = meta.get('_path', META_NAME)
     if meta.get('schema_version') not in READABLE_SCHEMA_VERSIONS:  # load_meta checks too (metadata passed around)
         raise ValueError(f'{where_flag}: {meta_path}: unsupported schema_version {meta.get("schema_version")!r} '
-                         f'(this code reads {", ".join(str(v) for v in READABLE_SCHEMA_VERSIONS)})')
+                         f'(this code reads {", ".join(map(str, READABLE_SCHEMA_VERSIONS))})')
+    problems = meta_problems(meta)
+    if problems:
+        raise ValueError(f'{where_flag}: ' + '; '.join(problems[:3]) + ' (edited after writing? '
+                         '`reinforce.py --verify` lists every problem)')
     meta_classes = int(meta['num_classes'])
     if num_classes is not None and int(num_classes) != meta_classes:
         raise ValueError(f'{where_flag}: {meta_path} has num_classes={meta_classes} but the model is built with '
@@ -241,6 +275,7 @@ def check_reinforced(
     decoder = SampleDecoder(meta, where_flag)
     try:
         for sample in reader.samples(0, 1, first[1], check_count=False):
+            decoder.verify(sample)
             img, _, records = decoder(sample)
             decoder.check_all(records, img, sample)
     finally:
@@ -257,7 +292,8 @@ def check_reinforced(
 def tar_members(stream: Any, skip_samples: int = 0) -> Iterator[Tuple[str, bytes]]:
     """``(name, data)`` of the regular files of a tar stream, in order, read with WebDataset's
     ``tariterators.tar_file_iterator`` (Python's ``tarfile`` in stream mode); the members of the first
-    ``skip_samples`` samples (WebDataset keys: the basename up to its first dot) are read and dropped.
+    ``skip_samples`` samples (WebDataset keys: the basename up to its first dot) are read and dropped; members whose
+    name starts with ``__`` (shard metadata such as the checksum table) are always passed on.
 
     ``tarfile``'s stream mode ends the archive quietly at a corrupted header: :class:`_ShardReader` checks every
     shard's sample count against ``reinforce.json``, and (schema 2) every sample's digest, so that cannot go unnoticed.
@@ -265,6 +301,9 @@ def tar_members(stream: Any, skip_samples: int = 0) -> Iterator[Tuple[str, bytes
     key, samples_seen = None, 0
     for member in tar_file_iterator(stream, skip_meta=None):
         name = member['fname']
+        if name.startswith('__'):  # shard metadata (the schema-2 checksum table): not a sample
+            yield name, member['data']
+            continue
         member_key = name.rsplit('/', 1)[-1].split('.', 1)[0]
         if member_key != key:
             if key is not None:
@@ -284,6 +323,7 @@ class _ShardReader:
         self.where_flag = where_flag
         self.member: Optional[str] = None
         self.stream = None
+        self.checksums: Optional[np.ndarray] = None  # the schema-2 checksum table, once read
 
     def _error(self, exn: BaseException) -> ReinforcedDataError:
         at = f' (at or after member {self.member})' if self.member else ''
@@ -302,7 +342,10 @@ class _ShardReader:
         try:
             for name, data in self.members(self.stream, skip):
                 self.member = name
-                yield {'fname': name, 'data': data, '__url__': self.url}
+                if name == CHECKSUMS_MEMBER:
+                    self.checksums = decode_checksums(data, f'{self.where_flag}: shard {self.url}')
+                elif not name.startswith('__'):
+                    yield {'fname': name, 'data': data, '__url__': self.url}
         except (tarfile.TarError, OSError, EOFError) as e:
             raise self._error(e) from e
 
@@ -327,6 +370,8 @@ class _ShardReader:
                             f'{META_NAME} (sample key {sample.get("__key__")}: modified shard?)')
                     break
                 sample['__index__'] = index
+                if self.checksums is not None and index < len(self.checksums):
+                    sample['__checksum__'] = self.checksums[index]
                 yield sample
                 index += 1
                 if index == stop and not (check_count and stop == count):
@@ -388,6 +433,8 @@ class SampleDecoder:
         self.num_classes = int(meta['num_classes'])
         self.num_samples = int(meta['num_samples'])
         self.topk = int(meta['topk'])
+        self.checksums = int(meta.get('schema_version', 1)) >= 2
+        self.dtype = dtype_from_descr(meta['record_dtype']) if meta.get('record_dtype') else None
         aug = meta['augmentation']
         self.needs_ra = aug_has_ra_re(aug.get('name'))
         self.needs_mix = aug_has_mix(aug.get('name'))
@@ -422,6 +469,9 @@ class SampleDecoder:
         if records.shape[0] != self.num_samples:
             raise ValueError(f'{records.shape[0]} stored augmentations, reinforce.json says '
                              f'num_samples={self.num_samples}')
+        if self.dtype is not None and records.dtype != self.dtype:
+            raise ValueError(f'records have dtype {records.dtype.descr}, reinforce.json says record_dtype '
+                             f'{self.dtype.descr}')
         offset = _npy_header_length(data)
         if (offset is not None and not records.dtype.hasobject and len(data) == offset + records.nbytes
                 and records.flags.c_contiguous and data[offset:] == records.tobytes()):
@@ -455,6 +505,27 @@ class SampleDecoder:
             raise self.error(sample, e) from e
         return img, label, records
 
+    def verify(self, sample: Dict[str, Any]) -> None:
+        """:meth:`check_sum` when checksums are on (schema 2), raising :class:`ReinforcedDataError`."""
+        if self.checksums:
+            try:
+                self.check_sum(sample)
+            except ValueError as e:
+                raise self.error(sample, e) from e
+
+    def check_sum(self, sample: Dict[str, Any]) -> None:
+        """A schema-2 sample's checksum (``format.sample_checksum``): bound to the shard's name and the sample's
+        position, so a modified byte, label or id, and a shard copied over another, all fail it."""
+        row = sample.get('__checksum__')
+        if row is None:
+            raise ValueError(f'no checksum for this sample: the shard lacks its {CHECKSUMS_MEMBER} table (schema 2) '
+                             f'or it has fewer rows than samples')
+        shard = _shard_basename(str(sample.get('__url__')))
+        position = sample.get('__index__', 0)
+        if sample_checksum(shard, position, sample['__key__'], int(row['index']), sample) != int(row['xxh3']):
+            raise ValueError(f'sample {position} of the shard does not match its checksum (modified shard, or a '
+                             f'shard copied over another; `reinforce.py --verify` checks all shards)')
+
     def check_record(self, record: np.void, img: Image.Image, sample: Dict[str, Any], index: int) -> None:
         """Values of the stored augmentation a sample uses: class ids, probabilities, crop box, op indices."""
         ids = record['ids'].tolist()
@@ -465,6 +536,10 @@ class SampleDecoder:
             problem = f'class id {max(ids)} >= num_classes={self.num_classes}'
         elif not all(0.0 <= p <= 1.0 for p in probs) or sum(probs) > 1.0 + PROB_SUM_TOL:  # NaN fails both
             problem = f'invalid probabilities {probs}'
+        elif any(a < b for a, b in zip(probs, probs[1:])):
+            problem = f'probabilities {probs} not sorted descending'
+        elif len(set(ids)) != len(ids):
+            problem = f'repeated class ids {ids}'
         elif w < 1 or h < 1 or x + w > img.width or y + h > img.height:
             problem = (f'stored crop box {[x, y, w, h]} does not fit the image of size {img.width}x{img.height} '
                        f'(images re-encoded or resized after reinforcement?)')
@@ -567,6 +642,65 @@ def worker_pieces(
     return pieces
 
 
+Piece = Tuple[str, int, int, int, int]  # (url, start, stop, count, pass) of a shard, see worker_pieces
+
+
+def interleave_pieces(pieces: Sequence[Piece], open_piece: Callable[[Piece], Iterator[Any]], width: int,
+                      rng: random.Random) -> Iterator[Any]:
+    """The samples of ``pieces`` read ``width`` at a time: each next sample comes from one of the open pieces, drawn
+    with probability proportional to its samples left (so the open pieces run out together); when one is done (and
+    its reader has checked the shard's end), the next piece opens. Each piece keeps its own order.
+
+    Args:
+        pieces: a worker's shard pieces in reading order (:func:`worker_pieces`).
+        open_piece: piece -> iterator over exactly its ``stop - start`` samples.
+        width: pieces open at once (<= 1: one after the other).
+        rng: the generator of the draws.
+    """
+    pending = iter(pieces)
+    open_: List[List[Any]] = []  # [iterator, samples left]
+
+    def refill() -> None:
+        while len(open_) < max(1, width):
+            piece = next(pending, None)
+            if piece is None:
+                return
+            if piece[2] > piece[1]:
+                open_.append([open_piece(piece), piece[2] - piece[1]])
+
+    refill()
+    while open_:
+        u = rng.randrange(sum(left for _, left in open_))
+        j = 0
+        while u >= open_[j][1]:
+            u -= open_[j][1]
+            j += 1
+        entry = open_[j]
+        yield next(entry[0])
+        entry[1] -= 1
+        if entry[1] == 0:
+            for _ in entry[0]:  # let the reader finish (its end-of-shard checks), then close it
+                pass
+            open_.pop(j)
+            refill()
+
+
+def replay_interpolation(interpolation: Optional[str], meta: Dict[str, Any]) -> str:
+    """The resize interpolation of the student's replays: ``interpolation`` when given, else the one the teacher
+    saw (the interpolation every ensemble member shares in ``reinforce.json``), else (members disagree, or none
+    recorded) the augmentation spec's ``interpolation``."""
+    if interpolation not in (None, '', 'random'):
+        return str(interpolation)
+    members = {t.get('interpolation') for t in meta.get('teachers') or [] if isinstance(t, dict)}
+    if len(members) == 1 and None not in members:
+        return str(members.pop())
+    spec_interpolation = str(meta['augmentation'].get('interpolation', 'bilinear'))
+    if members:
+        _logger.info(f'Reinforced data: the teacher members resized with {sorted(map(str, members))}; the student '
+                     f'replays with the augmentation\'s {spec_interpolation!r}')
+    return spec_interpolation
+
+
 @contextlib.contextmanager
 def _seeded_global_rngs(seed: int) -> Iterator[None]:
     """Seed python's, numpy's and torch's CPU global RNGs (what timm transforms draw from); restore them afterwards,
@@ -611,18 +745,19 @@ class ReinforcedShards(torch.utils.data.IterableDataset):
             world_size: int,
             num_workers: int,
             shuffle_buffer: int,
+            mix_shards: int = DEFAULT_MIX_SHARDS,
             where_flag: str = '--reinforced',
     ):
         super().__init__()
         self.shards = list(shards)
         self.meta = {k: v for k, v in meta.items() if k in ('num_classes', 'topk', 'num_samples', 'augmentation',
-                                                            '_path', 'schema_version')}
+                                                            '_path', 'schema_version', 'record_dtype')}
         self.spec = AugmentSpec.from_dict(meta['augmentation'])
         self.batch_size = int(batch_size)
         self.input_size = tuple(int(v) for v in input_size)
         self.mean = tuple(float(v) for v in mean)
         self.std = tuple(float(v) for v in std)
-        self.interpolation = None if interpolation in (None, '', 'random') else interpolation
+        self.interpolation = replay_interpolation(interpolation, meta)
         self.rd_p = float(rd_p)
         self.rd_densify = rd_densify
         self.fallback_transform = fallback_transform
@@ -632,8 +767,11 @@ class ReinforcedShards(torch.utils.data.IterableDataset):
         self.world_size = int(world_size)
         self.num_workers = max(1, int(num_workers))
         self.shuffle_buffer = int(shuffle_buffer)
+        self.mix_shards = int(mix_shards)
         self.where_flag = where_flag
         self.tar_members: Callable = tar_members  # the tar reader (benchmarks/loader_throughput.py swaps it)
+        self.integrity_checks = True  # schema-2 checksums and duplicate keys (off: only to measure their cost)
+        self._seen: Dict[Tuple[str, int], Optional[str]] = {}  # keys of this worker's epoch
         self.num_images = sum(c for _, c in self.shards)
         self._epoch = mp.Value('i', 0)  # shared with (persistent) workers, as timm's SharedCount
         self._decoder = SampleDecoder(self.meta, where_flag)
@@ -662,11 +800,42 @@ class ReinforcedShards(torch.utils.data.IterableDataset):
                                f'{info.num_workers}')
         return info.id
 
-    def _read(self, pieces: Iterator[Tuple[str, int, int, int, int]]) -> Iterator[Dict[str, Any]]:
-        for url, start, stop, count, pass_index in pieces:
-            for sample in _ShardReader(url, self.where_flag, self.tar_members).samples(start, stop, count):
-                sample['__pass__'] = pass_index
-                yield sample
+    def _open_piece(self, piece: Piece) -> Iterator[Dict[str, Any]]:
+        """The samples of a piece, each checked as it is read (its bytes are still in the CPU caches, which makes the
+        checksum ~5x cheaper than after the shuffle buffer): checksum, then duplicate key."""
+        url, start, stop, count, pass_index = piece
+        for sample in _ShardReader(url, self.where_flag, self.tar_members).samples(start, stop, count):
+            sample['__pass__'] = pass_index
+            if self.integrity_checks:
+                self._decoder.verify(sample)
+                self._check_unique(sample)
+            yield sample
+
+    def _check_unique(self, sample: Dict[str, Any]) -> None:
+        """Stop at a key seen before in this worker's epoch (a shard copied over another, schema 1 included)."""
+        key = (sample['__key__'], sample['__pass__'])
+        if key in self._seen:
+            raise ReinforcedDataError(
+                f'{self._decoder.where(sample)}: key seen twice in this epoch (also in shard {self._seen[key]}): a '
+                f'shard copied over another? `reinforce.py --verify` checks all shards')
+        self._seen[key] = sample.get('__url__')
+
+    def sample_stream(self, epoch: int, worker: int,
+                      open_piece: Optional[Callable[[Piece], Iterator[Dict[str, Any]]]] = None) -> Iterator[Any]:
+        """One worker's samples of ``epoch`` in the order they are batched: its pieces (:func:`worker_pieces`) read
+        ``mix_shards`` at a time (:func:`interleave_pieces`), then the seeded shuffle buffer. ``open_piece`` replaces
+        the shard reader (``benchmarks/batch_diversity.py`` simulates shards with it)."""
+        pieces = worker_pieces(self.shards, self.seed, epoch, self.rank, self.world_size, worker, self.num_workers,
+                               self.batch_size)
+        mix_rng = random.Random(derive_seed(self.seed, epoch, self.rank, worker, 0x4D49))
+        samples = interleave_pieces(pieces, open_piece or self._open_piece, self.mix_shards, mix_rng)
+        self._decoder.checksums = self.integrity_checks and int(self.meta.get('schema_version', 1)) >= 2
+        self._seen = {}
+        stages: List[Any] = [lambda: samples]
+        if self.shuffle_buffer > 1:
+            rng = random.Random(derive_seed(self.seed, epoch, self.rank, worker, 0x5B))
+            stages.append(wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, rng=rng))
+        return iter(wds.DataPipeline(*stages))
 
     def _partner(self, record: np.void, sample: Dict[str, Any], index: int, size: Tuple[int, int]) -> Tuple[Any, ...]:
         """The partner half of a mixing stored augmentation: (uint8 HxWx3 replay, erase box or None, record)."""
@@ -776,15 +945,9 @@ class ReinforcedShards(torch.utils.data.IterableDataset):
         return x, target, labels
 
     def __iter__(self) -> Iterator[Tuple[torch.Tensor, ...]]:
-        epoch, worker = self.epoch, self._worker()
-        pieces = worker_pieces(self.shards, self.seed, epoch, self.rank, self.world_size, worker, self.num_workers,
-                               self.batch_size)
-        stages: List[Any] = [lambda: iter(pieces), self._read]
-        if self.shuffle_buffer > 1:
-            rng = random.Random(derive_seed(self.seed, epoch, self.rank, worker, 0x5B))
-            stages.append(wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, rng=rng))
-        stages += [wds.map(self._process), wds.batched(self.batch_size, collation_fn=self.collate, partial=True)]
-        return iter(wds.DataPipeline(*stages))
+        samples = self.sample_stream(self.epoch, self._worker())
+        return iter(wds.DataPipeline(lambda: samples, wds.map(self._process),
+                                     wds.batched(self.batch_size, collation_fn=self.collate, partial=True)))
 
 
 class ReinforcedLoader:
@@ -856,6 +1019,7 @@ def create_reinforced_loader(
         rank: int = 0,
         world_size: int = 1,
         shuffle_buffer: int = 1000,
+        mix_shards: int = DEFAULT_MIX_SHARDS,
         device: Union[str, torch.device] = 'cpu',
         pin_memory: bool = False,
         where_flag: str = '--reinforced',
@@ -870,7 +1034,8 @@ def create_reinforced_loader(
         input_size: student (C, H, W).
         mean: student normalisation mean.
         std: student normalisation std.
-        interpolation: resize interpolation for the replay (None/'random': the one stored in reinforce.json).
+        interpolation: resize interpolation of the replays (None/'random': the one the teacher saw, see
+            :func:`replay_interpolation`).
         rd_p: probability a sample uses its stored reinforcement; otherwise ``fallback_transform`` + one-hot target.
         rd_densify: ``smooth`` or ``renorm`` (``dr.reinforce.format.densify``).
         fallback_transform: timm train transform (PIL -> normalised tensor), required when ``rd_p < 1``.
@@ -879,6 +1044,7 @@ def create_reinforced_loader(
         rank: this process's rank.
         world_size: number of processes.
         shuffle_buffer: samples in the shuffle buffer of each worker (<= 1: no sample shuffling).
+        mix_shards: shard pieces each worker reads at once, interleaved at random (<= 1: one after the other).
         device: where batches are moved.
         pin_memory: pin host batches (and copy with ``non_blocking``) when ``device`` is CUDA.
         where_flag: the flag named in errors.
@@ -903,7 +1069,8 @@ def create_reinforced_loader(
         shards, meta, batch_size=batch_size, input_size=input_size, mean=mean, std=std, interpolation=interpolation,
         rd_p=rd_p, rd_densify=rd_densify, fallback_transform=fallback_transform,
         num_classes=int(num_classes if num_classes is not None else meta['num_classes']), seed=seed, rank=rank,
-        world_size=world_size, num_workers=num_workers, shuffle_buffer=shuffle_buffer, where_flag=where_flag)
+        world_size=world_size, num_workers=num_workers, shuffle_buffer=shuffle_buffer, mix_shards=mix_shards,
+        where_flag=where_flag)
     n = dataset.num_images
     padded = world_size * len(dataset) * batch_size
     _logger.info(f'Reinforced data: {n} images in {len(shards)} shards, {len(dataset)} batches of {batch_size} per '

@@ -9,7 +9,8 @@ with one ``pread`` from the local shard file; a shard's member offsets come from
 (headers only) and kept for the most recently used shards. Nothing holds the dataset in memory.
 
 The position of a sample is its index in the concatenation of the shards in name order; which source-dataset image
-sits at each position is :func:`dr.reinforce.format.dataset_order`.
+sits at each position is :func:`dr.reinforce.format.meta_image_order`. Members whose name starts with ``__`` (the
+schema-2 checksum table ``__rd__/checksums.npy``) are not samples.
 """
 import collections
 import os
@@ -88,7 +89,7 @@ class PartnerImages:
         try:
             with tarfile.open(path, mode='r:') as tar:
                 for info in tar:  # headers only: tarfile seeks over the data of a seekable file
-                    if not info.isfile():
+                    if not info.isfile() or info.name.startswith('__'):
                         continue
                     key, ext = split_member_name(info.name)
                     if key not in keys:

@@ -1,6 +1,6 @@
 """Look at stored augmentations: ``reinforce.py --show`` replays samples exactly as the training loader does.
 
-Image ``I`` is the source dataset index (``format.dataset_order`` maps it to its position in the shards); sample
+Image ``I`` is the source dataset index (``format.meta_image_order`` maps it to its position in the shards); sample
 ``K`` is its ``K``-th stored augmentation. The replay goes through the training loader's own code
 (``ReinforcedShards.replay`` + ``collate``: PIL stages, batch normalisation, erase fill, mixing with the partner), at
 the input size, normalisation and interpolation of the first teacher member (for imported ml-dr data: what the
@@ -12,7 +12,7 @@ from typing import Any, Dict, List, Optional, Sequence
 import numpy as np
 
 from ..io import atomic_write
-from .format import dataset_order
+from .format import meta_image_order
 from .loader import check_reinforced, create_reinforced_loader
 from .partners import PartnerImages
 
@@ -33,7 +33,7 @@ def show_samples(directory: str, images: Sequence[int], samples: Sequence[int],
         directory, meta, batch_size=1, num_workers=0, input_size=t['input_size'], mean=t['mean'], std=t['std'],
         interpolation=t['interpolation'], rd_p=1.0, shuffle_buffer=0, where_flag=where_flag)
     dataset = loader.dataset
-    order = dataset_order(meta)
+    order = meta_image_order(meta)
     positions = np.empty_like(order)
     positions[order] = np.arange(len(order))
     reader = PartnerImages(meta, where_flag)

@@ -2,8 +2,10 @@
 
 The job is three named pieces wired by :class:`Reinforcer`:
 
-* :class:`ShardPlan` (what goes where): shard ``s`` holds positions ``[s * shard_size, (s + 1) * shard_size)`` of the
-  image order; rank ``r`` of ``W`` writes shards ``r, r + W, ...``. Augmentation parameters of image ``i`` come from
+* :class:`ShardPlan` (what goes where): the images are written in a seeded permutation of the dataset order
+  (``format.image_order``, recorded in reinforce.json as ``image_order``), so every shard is a random mix of classes;
+  shard ``s`` holds positions ``[s * shard_size, (s + 1) * shard_size)`` of that order and each sample stores its
+  dataset index. Rank ``r`` of ``W`` writes shards ``r, r + W, ...``. Augmentation parameters of image ``i`` come from
   ``numpy.random.default_rng([seed, i])`` and teacher batches never span shards, so a shard's bytes depend only on the
   configuration and its index: not on world size, worker count or resumption.
 * :class:`ShardStore` (the output directory): a finished shard is written to a temporary name, fsynced and renamed,
@@ -49,8 +51,10 @@ from .format import (
     FLAG_ERASE,
     META_NAME,
     SCHEMA_VERSION,
+    SHARD_RE,
     build_shard,
     encode_records,
+    image_order,
     record_dtype,
     shard_name,
 )
@@ -60,6 +64,7 @@ _logger = logging.getLogger(__name__)
 
 
 CRASH_ENV = 'DR_REINFORCE_CRASH_AFTER_SHARDS'  # test hook: die (os._exit) while writing the shard after k shards
+RUN_FILES = (META_NAME, 'args.yaml', 'stats.json')  # written atomically: a kill leaves '.<name>.*.tmp' behind
 
 View = Tuple[Tuple[int, int], str]  # (output (h, w), interpolation) of one uint8 augmentation tensor
 Slice = Tuple[Dict[str, Any], Dict[str, Any], int, int]  # (image entry, loader chunk, offset, count) in a batch
@@ -415,20 +420,40 @@ class ShardStore:
             return False, 'sha256 differs from its sidecar'
         return True, 'complete'
 
-    def clean_stale(self, indices: Sequence[int]) -> None:
-        """Remove temporary files of interrupted writes of shards ``indices`` and their sidecars."""
+    def check_strays(self, num_shards: int) -> None:
+        """Refuse shard files beyond this reinforcement's ``num_shards`` (training would refuse the folder).
+
+        Raises:
+            ValueError: naming ``--output`` and the stray files.
+        """
+        if not os.path.isdir(self.output):
+            return
+        stray = sorted(n for n in os.listdir(self.output) if SHARD_RE.match(n) and int(n[:6]) >= num_shards)
+        if stray:
+            raise ValueError(
+                f'--output {self.output}: {", ".join(stray[:5])}{" ..." if len(stray) > 5 else ""} not part of this '
+                f'reinforcement ({num_shards} shards: {shard_name(0)} .. {shard_name(num_shards - 1)}); delete or '
+                f'move {"it" if len(stray) == 1 else "them"} away, then rerun')
+
+    def clean_stale(self, indices: Sequence[int], run_files: bool = False) -> None:
+        """Remove temporary files of interrupted writes of shards ``indices`` and their sidecars, and with
+        ``run_files`` those of reinforce.json, args.yaml and stats.json (rank 0 only: no other rank writes them)."""
         names = {shard_name(i) for i in indices} | {sidecar_name(i).lstrip('.') for i in indices}
+        if run_files:
+            names |= set(RUN_FILES)
         for n in os.listdir(self.output):
-            if n.startswith('.') and n.endswith('.tmp') and n[1:].split('.tar.')[0] + '.tar' in names:
-                os.unlink(os.path.join(self.output, n))
-            elif n.startswith('..') and n.endswith('.tmp') and n[2:].split('.json.')[0] + '.json' in names:
+            if not (n.startswith('.') and n.endswith('.tmp')):
+                continue
+            stem = n[2:] if n.startswith('..') else n[1:]
+            if any(stem.startswith(name + '.') for name in names):
+                _logger.info(f'Removing {os.path.join(self.output, n)} (left by an interrupted run)')
                 os.unlink(os.path.join(self.output, n))
 
     def write(self, index: int, items: List[Dict[str, Any]], num_samples: int) -> Dict[str, Any]:
         """Write shard ``index`` (its images' entries, in order) and then its sidecar; return the sidecar."""
         samples = [{'key': it['key'], 'image_ext': it['ext'], 'image': it['image'], 'label': it['label'],
-                    'records': encode_records(it['records'])} for it in items]
-        data = build_shard(samples)
+                    'records': encode_records(it['records']), 'index': it['index']} for it in items]
+        data = build_shard(samples, shard=shard_name(index))
         crash_after = os.environ.get(CRASH_ENV)
         with atomic_write(self.path(index), 'wb') as f:
             f.write(data)
@@ -561,7 +586,7 @@ class Reinforcer:
         self.progress = progress
         self.samples_per_item = int(samples_per_item)
         self.dtype = record_dtype(self.topk, self.num_classes, spec.name)
-        self.plan = ShardPlan(np.arange(len(source), dtype=np.int64), int(shard_size))
+        self.plan = ShardPlan(image_order(len(source), self.seed), int(shard_size))
         self.batcher = TeacherBatcher(teacher, spec, batch_size=batch_size, topk=self.topk,
                                       ids_dtype=self.dtype['ids'].base, device=self.device, amp_dtype=amp_dtype,
                                       channels_last=channels_last)
@@ -597,17 +622,24 @@ class Reinforcer:
             'topk': self.topk,
             'num_classes': self.num_classes,
             'seed': self.seed,
+            'image_order': self.image_order_info(),
             'shard_size': self.plan.shard_size,
             'record_dtype': self.dtype.descr,
         }
 
+    def image_order_info(self) -> Dict[str, Any]:
+        """reinforce.json's ``image_order``: the permutation of the dataset the shards hold (``format.image_order``)."""
+        return {'kind': 'permutation', 'seed': self.seed}
+
     def check_output(self) -> None:
-        """Refuse an output directory holding shards of another configuration (see ``ShardStore.check_config``)."""
+        """Refuse an output directory holding shards of another configuration or stray shards (see ``ShardStore``)."""
         self.store.check_config()
+        self.store.check_strays(self.num_shards)
 
     # -- plan -> build -> stream --------------------------------------------------------------------------------
     def plan_shards(self) -> Tuple[List[int], int]:
-        """(this rank's shards still to write, number already complete); stale temporary files are removed."""
+        """(this rank's shards still to write, number already complete); temporary files of interrupted writes of this
+        rank's shards (and, on rank 0, of reinforce.json, args.yaml, stats.json) are removed."""
         mine = rank_shards(self.num_shards, self.rank, self.world_size)
         todo = []
         for s in mine:
@@ -618,7 +650,7 @@ class Reinforcer:
             if why != 'missing':
                 _logger.info(f'Redoing shard {shard_name(s)}: {why}')
             todo.append(s)
-        self.store.clean_stale(todo)
+        self.store.clean_stale(mine, run_files=self.rank == 0)
         skipped = len(mine) - len(todo)
         if skipped:
             _logger.info(f'rank {self.rank}: {skipped} of {len(mine)} shards already complete')
@@ -685,6 +717,7 @@ class Reinforcer:
             'num_classes': self.num_classes,
             'class_names': list(class_names) if class_names else None,
             'seed': self.seed,
+            'image_order': self.image_order_info(),
             'dataset': dict(self.dataset_info),
             'num_images': self.num_images,
             'shard_size': self.plan.shard_size,

@@ -12,13 +12,17 @@ from dr.reinforce.format import (
     SCHEMA_VERSION,
     build_shard,
     check_records,
+    decode_checksums,
     decode_records,
     densify,
     dtype_from_descr,
     encode_records,
+    image_order,
     iter_shard,
     load_meta,
+    meta_image_order,
     record_dtype,
+    sample_checksum,
     sanitize_key,
     shard_name,
     split_member_name,
@@ -96,6 +100,17 @@ def test_check_records():
     bad['ids'][0, 0] = 10
     with pytest.raises(ValueError, match='class id 10'):
         check_records(bad, 'w', num_classes=10)
+    bad = rec.copy()
+    bad['probs'][3] = bad['probs'][3][::-1].copy()  # ascending (ml-dr's order) is not this format
+    with pytest.raises(ValueError, match='stored augmentation 3: probabilities not sorted descending'):
+        check_records(bad, 'w', num_classes=10)
+    bad = rec.copy()
+    bad['ids'][5, 2] = bad['ids'][5, 0]
+    with pytest.raises(ValueError, match='stored augmentation 5: repeated class ids'):
+        check_records(bad, 'w', num_classes=10)
+    tie = rec.copy()
+    tie['probs'][0] = np.array([0.25, 0.25, 0.25], dtype=np.float16)  # ties are sorted
+    check_records(tie, 'w', num_classes=10)
     # float16 rounding of a full distribution may exceed 1 by a few ulps: accepted
     ok = rec.copy()
     ok['probs'][0] = np.array([0.3334, 0.3334, 0.3334], dtype=np.float16)
@@ -158,11 +173,12 @@ def test_shard_readable_by_webdataset(tmp_path):
 
 
 def test_readme_example_reads_with_tarfile_and_numpy(tmp_path, monkeypatch):
-    """The README's reader (tarfile + numpy only) works on a shard."""
-    (tmp_path / '000000.tar').write_bytes(build_shard(_samples()))
+    """docs/format.md's reader (tarfile + json + numpy only) works on a shard."""
+    samples = [dict(x, index=10 + i) for i, x in enumerate(_samples())]
+    (tmp_path / '000000.tar').write_bytes(build_shard(samples, shard='000000.tar'))
     monkeypatch.chdir(tmp_path)
-    seen = []
-    # --- README example ---
+    seen, indices = [], []
+    # --- docs/format.md example ---
     with tarfile.open('000000.tar') as tar:
         for member in tar:
             key, ext = member.name.split('.', 1)
@@ -172,12 +188,59 @@ def test_readme_example_reads_with_tarfile_and_numpy(tmp_path, monkeypatch):
             elif ext == 'rd.npy':
                 rec = np.load(io.BytesIO(data), allow_pickle=False)
                 seen.append((key, label, rec['ids'][0].tolist(), rec['probs'][0].tolist()))
+            elif key == '__rd__/checksums':             # schema 2: per sample (dataset index, checksum)
+                table = np.load(io.BytesIO(data), allow_pickle=False)
+                indices = table['index'].tolist()
             else:
                 image_bytes = data  # the original encoded image, ext = jpg / png / ...
     # --- end ---
     assert image_bytes == _samples()[2]['image']
-    assert [s[0] for s in seen] == ['img_000', 'img_001', 'img_002']
+    assert [s[0] for s in seen] == ['img_000', 'img_001', 'img_002'] and indices == [10, 11, 12]
     assert seen[1][2] == _records(seed=1)['ids'][0].tolist()
+
+
+def test_sample_checksum_binds_content_shard_and_position(tmp_path):
+    samples = [dict(x, index=100 + i) for i, x in enumerate(_samples())]
+    data = build_shard(samples, shard='000003.tar')
+    path = tmp_path / '000003.tar'
+    path.write_bytes(data)
+    with tarfile.open(path) as tar:
+        assert tar.getnames()[:4] == ['__rd__/checksums.npy', 'img_000.jpg', 'img_000.cls', 'img_000.rd.npy']
+        table = decode_checksums(tar.extractfile('__rd__/checksums.npy').read(), 'x')
+    got = list(iter_shard(str(path), 'shard 000003.tar'))
+    assert table['index'].tolist() == [100, 101, 102]
+    for position, (g, x) in enumerate(zip(got, samples)):
+        members = {x['image_ext']: x['image'], 'cls': str(x['label']).encode(), 'rd.npy': x['records']}
+        crc = sample_checksum('000003.tar', position, x['key'], x['index'], members)
+        assert g['info'] == {'index': x['index'], 'xxh3': crc} and crc == int(table['xxh3'][position])
+        assert g['members'] == members and 0 <= crc < 2 ** 64
+        # anything else gives another checksum: shard, position, key, index, any byte of any member
+        assert crc != sample_checksum('000004.tar', position, x['key'], x['index'], members)
+        assert crc != sample_checksum('000003.tar', position + 1, x['key'], x['index'], members)
+        assert crc != sample_checksum('000003.tar', position, x['key'] + 'x', x['index'], members)
+        assert crc != sample_checksum('000003.tar', position, x['key'], x['index'] + 1, members)
+        assert crc != sample_checksum('000003.tar', position, x['key'], x['index'], dict(members, cls=b'7'))
+        flipped = bytearray(x['records'])
+        flipped[-1] ^= 1
+        assert crc != sample_checksum('000003.tar', position, x['key'], x['index'],
+                                      dict(members, **{'rd.npy': bytes(flipped)}))
+        upper = {k.upper() if k in IMAGE_EXTS else k: v for k, v in members.items()}  # extension case is ignored
+        assert crc == sample_checksum('000003.tar', position, x['key'], x['index'], upper)
+    assert build_shard(samples) != data and next(iter_shard(io.BytesIO(build_shard(samples)), 'x'))['info'] is None
+
+
+def test_image_order_is_a_seeded_permutation():
+    a = image_order(1000, 0)
+    assert sorted(a.tolist()) == list(range(1000)) and a.tolist() != list(range(1000))
+    assert np.array_equal(a, image_order(1000, 0)) and not np.array_equal(a, image_order(1000, 1))
+    assert np.array_equal(image_order(1000, 0)[:10], a[:10])
+    # classes in dataset (ImageFolder) order come out mixed: 10 classes x 100 images, first 50 positions
+    assert len(set((a[:50] // 100).tolist())) >= 8
+    assert np.array_equal(meta_image_order({'num_images': 5, 'image_order': {'kind': 'permutation', 'seed': 3}}),
+                          image_order(5, 3))
+    assert meta_image_order({'num_images': 4}).tolist() == [0, 1, 2, 3]  # schema 1: dataset order
+    with pytest.raises(ValueError, match='unknown image_order'):
+        meta_image_order({'num_images': 4, 'image_order': {'kind': 'sorted'}})
 
 
 def test_truncated_shard_names_the_shard(tmp_path):
@@ -223,6 +286,8 @@ def test_load_meta_locations_and_errors(tmp_path):
     for where in (str(d), str(d / 'reinforce.json'), str(d / '000000.tar'), str(d / '{000000..000003}.tar'),
                   [str(d / '000001.tar')], 'file://' + str(d / 'reinforce.json')):
         assert load_meta(where)['topk'] == 3
+    (d / 'reinforce.json').write_text(json.dumps(_meta(schema_version=1)))  # version 1 still reads
+    assert load_meta(str(d))['schema_version'] == 1
     (d / 'reinforce.json').write_text(json.dumps(_meta(schema_version=99)))
     with pytest.raises(ValueError, match=r'reinforce.json: unsupported schema_version 99'):
         load_meta(str(d))

@@ -279,6 +279,7 @@ def test_import_then_show_replays_what_the_authors_students_saw(variant, tmp_pat
     meta = json.loads((out / 'reinforce.json').read_text())
     assert meta['schema_version'] == 2 and meta['augmentation']['re_fill'] == 'black'
     assert meta['imported_from']['format'] == 'ml-dr' and meta['num_images'] == 30
+    assert reinforce.main(['--verify', str(out)]) == 0  # checksums, sidecars, config copy: a regular dataset
 
 
 @needs_fixture

@@ -1,8 +1,10 @@
 """The reinforced training loader: epoch semantics, determinism, errors naming shard and key, the tar reader,
 and a student trained end to end on reinforce.py output."""
+import hashlib
 import io
 import json
 import os
+import random
 import shutil
 import subprocess
 import sys
@@ -17,11 +19,22 @@ import torch.nn as nn
 from PIL import Image
 
 from dr.reinforce.augment import AugmentSpec, apply_record, create_augment_spec, sample_records
-from dr.reinforce.format import SCHEMA_VERSION, densify, encode_records, record_dtype
+from dr.reinforce.format import (
+    CHECKSUMS_DTYPE,
+    CHECKSUMS_MEMBER,
+    SCHEMA_VERSION,
+    densify,
+    encode_checksums,
+    encode_records,
+    record_dtype,
+    sample_checksum,
+)
 from dr.reinforce.loader import (
     ReinforcedDataError,
     check_reinforced,
     create_reinforced_loader,
+    interleave_pieces,
+    replay_interpolation,
     resolve_reinforced,
     tar_members,
     worker_pieces,
@@ -67,8 +80,10 @@ def make_reinforced(
         img_size: int = 16,
         seed: int = 0,
         drop_member: Optional[Dict[int, str]] = None,
+        schema: int = SCHEMA_VERSION,
 ) -> Dict[str, object]:
-    """Shards ``000000.tar``... + reinforce.json. Image i has label i (unique) unless num_classes is smaller."""
+    """Shards ``000000.tar``... + reinforce.json. Image i has label i (unique) unless num_classes is smaller.
+    ``schema=1`` writes the version-1 layout (no checksum table)."""
     os.makedirs(out_dir, exist_ok=True)
     num_images = int(sum(shard_sizes))
     num_classes = num_classes or num_images
@@ -80,27 +95,32 @@ def make_reinforced(
         name = f'{s:06d}.tar'
         path = os.path.join(out_dir, name)
         image_total = 0
+        samples = []
+        for position in range(size):
+            key = f'img{index:05d}'
+            fmt, ext = ('PNG', 'png') if index % 2 == 0 else ('JPEG', 'jpg')
+            img = _image_bytes(rng, img_size, fmt)
+            rec = _fake_records(rng, img_size + 2, img_size, spec, num_samples, topk, num_classes)
+            records_by_key[key] = (rec, img, index % num_classes)
+            image_total += len(img)
+            members = {ext: img, 'cls': str(index % num_classes).encode(), 'rd.npy': encode_records(rec)}
+            if drop_member and index in drop_member:  # a sample written without that member (consistent checksum)
+                del members[drop_member[index]]
+            samples.append((key, index, members, sample_checksum(name, position, key, index, members)))
+            index += 1
         with tarfile.open(path, 'w', format=tarfile.USTAR_FORMAT) as tar:
-            for _ in range(size):
-                key = f'img{index:05d}'
-                fmt, ext = ('PNG', 'png') if index % 2 == 0 else ('JPEG', 'jpg')
-                img = _image_bytes(rng, img_size, fmt)
-                rec = _fake_records(rng, img_size + 2, img_size, spec, num_samples, topk, num_classes)
-                records_by_key[key] = (rec, img, index % num_classes)
-                image_total += len(img)
-                members = {ext: img, 'cls': str(index % num_classes).encode(), 'rd.npy': encode_records(rec)}
+            if schema >= 2:
+                table = np.array([(i, c) for _, i, _, c in samples], dtype=CHECKSUMS_DTYPE)
+                _add(tar, CHECKSUMS_MEMBER, encode_checksums(table))
+            for key, _, members, _ in samples:
                 for member, data in members.items():
-                    if drop_member and drop_member.get(index) == member:
-                        continue
                     _add(tar, f'{key}.{member}', data)
-                index += 1
         with open(path, 'rb') as f:
-            import hashlib
             digest = hashlib.sha256(f.read()).hexdigest()
         shards.append({'name': name, 'count': size, 'sha256': digest, 'bytes': os.path.getsize(path),
                        'image_bytes': image_total})
     meta = {
-        'schema_version': SCHEMA_VERSION,
+        'schema_version': schema,
         'teachers': [{'name': 'fake', 'weights': 'none', 'mean': list(MEAN), 'std': list(STD),
                       'input_size': [3, SIZE, SIZE], 'interpolation': 'bilinear'}],
         'augmentation': spec.to_dict(),
@@ -477,3 +497,45 @@ def test_reinforce_then_train_student_learns(tmp_path):
     top1_key = next(k for k in rows[-1] if k.endswith('top1'))
     top1 = float(rows[-1][top1_key])
     assert top1 > 50.0, f'student top-1 {top1} after 2 epochs on reinforced digits (chance is 10)'
+
+
+def test_interleave_pieces_mixes_open_pieces_and_keeps_each_order():
+    pieces = [(f'{s:06d}.tar', 0, n, n, 0) for s, n in enumerate([5, 9, 1, 7, 6, 0, 4])]
+
+    def open_piece(piece):
+        return iter([(piece[0], i) for i in range(piece[1], piece[2])])
+
+    out = list(interleave_pieces(pieces, open_piece, 3, random.Random(0)))
+    assert sorted(out) == sorted(x for p in pieces for x in open_piece(p))  # every sample once
+    for url, _, n, _, _ in pieces:
+        assert [i for u, i in out if u == url] == list(range(n))  # each piece in its own order
+    assert [u for u, _ in out[:6]] != ['000000.tar'] * 5 + ['000001.tar']  # not one piece after the other
+    assert {u for u, _ in out[:10]} <= {'000000.tar', '000001.tar', '000002.tar', '000003.tar'}  # 3 open at once
+    assert out == list(interleave_pieces(pieces, open_piece, 3, random.Random(0)))  # seeded
+    assert out != list(interleave_pieces(pieces, open_piece, 3, random.Random(1)))
+    sequential = list(interleave_pieces(pieces, open_piece, 1, random.Random(0)))
+    assert sequential == [x for p in pieces for x in open_piece(p)]
+
+
+def test_loader_replays_with_the_teachers_interpolation(tmp_path):
+    """interpolation=None (train.py's default) replays with the interpolation the teacher resized with, not the
+    augmentation spec's; an explicit one wins."""
+    rd = make_reinforced(str(tmp_path / 'rd'), [6], num_classes=6)
+    meta_path = os.path.join(rd['dir'], 'reinforce.json')
+    meta = json.load(open(meta_path))
+    meta['teachers'][0]['interpolation'] = 'bicubic'
+    assert meta['augmentation']['interpolation'] == 'bilinear'
+    json.dump(meta, open(meta_path, 'w'))
+    keys = {lbl: key for key, (_, _, lbl) in rd['records'].items()}
+    for interpolation, expected in ((None, 'bicubic'), ('bilinear', 'bilinear')):
+        loader = _loader(rd['dir'], interpolation=interpolation, batch_size=6, shuffle_buffer=0, rd_densify='renorm')
+        assert loader.dataset.interpolation == expected
+        for x, target, labels in _epoch(loader, 0):
+            for i in range(len(labels)):
+                rec, img_bytes, _ = rd['records'][keys[int(labels[i])]]
+                j = next(j for j in range(len(rec))
+                         if torch.allclose(densify(rec['ids'], rec['probs'], 6, mode='renorm')[j], target[i]))
+                img = Image.open(io.BytesIO(img_bytes)).convert('RGB')
+                assert torch.equal(x[i], apply_record(img, rec[j], rd['spec'], (SIZE, SIZE), MEAN, STD, expected))
+    meta['teachers'].append(dict(meta['teachers'][0], interpolation='bilinear'))  # members disagree: the spec's
+    assert replay_interpolation(None, meta) == 'bilinear' and replay_interpolation('random', meta) == 'bilinear'

@@ -3,7 +3,6 @@ training loader's pair replay, old (schema 1) datasets, and errors."""
 import io
 import json
 import os
-import tarfile
 
 import numpy as np
 import pytest
@@ -27,6 +26,7 @@ from dr.reinforce.format import (
     encode_records,
     iter_shard,
     load_meta,
+    meta_image_order,
     record_dtype,
     shard_name,
 )
@@ -74,7 +74,8 @@ def make_mixing(out_dir, num_images=24, shard_size=10, group=4, aug='rrc+ra_re+m
     for s in range(plan.num_shards):
         lo, hi = plan.shard_range(s)
         data = build_shard([{'key': f'img{p:04d}', 'image_ext': 'png', 'image': images[p], 'label': p,
-                             'records': encode_records(records[p])} for p in range(lo, hi)])
+                             'records': encode_records(records[p]), 'index': p} for p in range(lo, hi)],
+                           shard=shard_name(s) if schema_version >= 2 else None)
         with open(os.path.join(out_dir, shard_name(s)), 'wb') as f:
             f.write(data)
         shards.append({'name': shard_name(s), 'count': hi - lo, 'bytes': len(data)})
@@ -154,17 +155,9 @@ def test_mixing_needs_local_shards_and_valid_partners(tmp_path):
     rec = rd['records'][5]
     rec['mix_ref'] = 99  # no such position
     rec['flags'] |= FLAG_MIXUP
-    lo = 0
-    with tarfile.open(os.path.join(rd['dir'], '000000.tar')) as tar:
-        members = [(m.name, tar.extractfile(m).read()) for m in tar]
-    samples = {}
-    for name, data in members:
-        key, ext = name.split('.', 1)
-        samples.setdefault(key, {})[ext] = data
-    rebuilt = [{'key': k, 'image_ext': 'png', 'image': v['png'], 'label': int(v['cls']),
-                'records': encode_records(rd['records'][lo + i]) if k == 'img0005' else v['rd.npy']}
-               for i, (k, v) in enumerate(samples.items())]
-    data = build_shard(rebuilt)
+    data = build_shard([{'key': f'img{p:04d}', 'image_ext': 'png', 'image': rd['images'][p], 'label': p,
+                         'records': encode_records(rd['records'][p]), 'index': p} for p in range(10)],
+                       shard=shard_name(0))  # rewritten consistently (checksums and sizes match)
     with open(os.path.join(rd['dir'], '000000.tar'), 'wb') as f:
         f.write(data)
     meta = json.load(open(os.path.join(rd['dir'], 'reinforce.json')))
@@ -234,8 +227,9 @@ def test_cli_mix_output_loads_and_shows(ckpts, tmp_path, capsys):
     partners = PartnerImages(meta)
     spec = create_augment_spec('rrc+mix', mix_group=3)
     t = meta['teachers'][0]
+    position = np.argsort(meta_image_order(meta))  # --images are source indices; shards hold a permutation
     for i in (0, 7):
-        sample = partners.sample(i)
+        sample = partners.sample(int(position[i]))
         rec = np.load(io.BytesIO(sample['rd.npy']), allow_pickle=False)
         img = Image.open(io.BytesIO(sample['png'])).convert('RGB')
         for k in range(4):

@@ -17,7 +17,7 @@ from PIL import Image
 import reinforce
 from dr.data import DigitsDataset
 from dr.reinforce.augment import create_augment_spec, replay
-from dr.reinforce.format import iter_shard, load_meta
+from dr.reinforce.format import image_order, iter_shard, load_meta, meta_image_order, sample_checksum
 from dr.reinforce.sources import create_source
 from dr.reinforce.teachers import create_teacher, parse_teacher_spec
 from dr.reinforce.verify import compare_topk
@@ -54,18 +54,26 @@ def test_layout_and_metadata(ref):
     assert 0.0 <= meta['teacher_label_agreement'] <= 1.0
     ds = DigitsDataset('train')
     keys = []
+    # the images are written in a seeded permutation of the dataset order, recorded in reinforce.json
+    assert meta['image_order'] == {'kind': 'permutation', 'seed': 0} == meta['config']['image_order']
+    order = image_order(N_IMAGES, 0)
+    assert sorted(order.tolist()) == list(range(N_IMAGES)) and order.tolist() != list(range(N_IMAGES))
+    assert np.array_equal(meta_image_order(meta), order)
     for s, entry in enumerate(meta['shards']):
         assert entry['count'] == SHARD
         samples = list(iter_shard(os.path.join(ref, entry['name']), entry['name']))
         keys += [x['key'] for x in samples]
         for j, x in enumerate(samples):
-            i = s * SHARD + j  # shard s holds images [s * shard_size, (s + 1) * shard_size)
+            i = int(order[s * SHARD + j])  # shard s holds positions [s * shard_size, (s + 1) * shard_size)
+            assert x['info']['index'] == i  # each sample names its dataset index (schema 2)
             assert x['image'] == ds.image_bytes(i) and x['image_ext'] == 'png' and x['label'] == ds.targets[i]
+            assert x['info']['xxh3'] == sample_checksum(entry['name'], j, x['key'], i, {
+                'png': x['image'], 'cls': str(x['label']).encode(), 'rd.npy': x['records']})
             rec = np.load(io.BytesIO(x['records']), allow_pickle=False)
             assert rec.shape == (N_SAMPLES,)
             p = rec['probs'].astype(np.float32)
             assert (np.diff(p, axis=1) <= 0).all()  # sorted by descending probability
-    assert keys == [ds.key(i) for i in range(N_IMAGES)]
+    assert keys == [ds.key(int(i)) for i in order]
     # the saved args reload through the real parser
     args, _ = reinforce.parse_args(['-c', os.path.join(ref, 'args.yaml')])
     assert args.num_samples == N_SAMPLES and args.teacher_img_size == 16

@@ -25,11 +25,10 @@ from ..format import (
     FLAG_CUTMIX,
     FLAG_MIXUP,
     IMAGE_EXTS,
-    IMPORT_ORDER_SALT,
     SCHEMA_VERSION,
+    image_order,
     record_dtype,
     sanitize_key,
-    seeded_order,
 )
 from ..writer import ShardPlan, ShardStore
 from .mldr import (
@@ -272,8 +271,9 @@ def read_done(spool_dir: str, info: Dict[str, Any]) -> Optional[np.ndarray]:
 
 def import_order(num_images: int, seed: int) -> np.ndarray:
     """The output order of an import (position -> ml-dr image index): a seeded permutation, so that shards mix
-    classes (ImageFolder order is sorted by class); ``format.dataset_order`` recomputes it from reinforce.json."""
-    return seeded_order(num_images, seed, IMPORT_ORDER_SALT)
+    classes (ImageFolder order is sorted by class): ``format.image_order``, as reinforce.py writes its shards, recorded
+    as reinforce.json's ``image_order``."""
+    return image_order(num_images, seed)
 
 
 class _ShardBuilder:
@@ -316,10 +316,18 @@ class _ShardBuilder:
                         f'image {index} ({path}) sample {k}: partner image {partner} ({self.paths[partner]})')
 
 
+def _teacher(cfg: MldrConfig) -> Dict[str, Any]:
+    """The pseudo-teacher entry of an import: the normalisation and output size the authors' teacher saw."""
+    h, w = cfg.out_size
+    return {'name': 'ml-dr', 'mean': list(cfg.mean), 'std': list(cfg.std), 'input_size': [3, h, w],
+            'interpolation': cfg.spec.interpolation}
+
+
 def _content_config(cfg: MldrConfig, rdata: str, num_images: int, num_classes: int, shard_size: int, seed: int,
                     dtype: np.dtype) -> Dict[str, Any]:
     return json.loads(json.dumps({
         'schema_version': SCHEMA_VERSION,
+        'teachers': [_teacher(cfg)],
         'imported_from': {'format': 'ml-dr', 'rdata': os.path.basename(os.path.normpath(rdata)),
                           'reinforce': cfg.raw, 'teacher': cfg.teacher},
         'dataset': {'name': 'imagefolder', 'num_images': num_images},
@@ -328,6 +336,7 @@ def _content_config(cfg: MldrConfig, rdata: str, num_images: int, num_classes: i
         'topk': cfg.topk,
         'num_classes': num_classes,
         'seed': seed,
+        'image_order': {'kind': 'permutation', 'seed': seed},
         'shard_size': shard_size,
         'record_dtype': dtype.descr,
     }))
@@ -425,9 +434,7 @@ def _write_shards(store: ShardStore, builder: _ShardBuilder, plan: ShardPlan, nu
 
 def _meta_fields(cfg: MldrConfig, rdata: str, data_dir: str, classes: Sequence[str], num_classes: int,
                  plan: ShardPlan, seed: int, dtype: np.dtype) -> Dict[str, Any]:
-    h, w = cfg.out_size
-    teacher = {'name': 'ml-dr', 'weights': f'imported: {os.path.abspath(rdata)}', 'mean': list(cfg.mean),
-               'std': list(cfg.std), 'input_size': [3, h, w], 'interpolation': cfg.spec.interpolation}
+    teacher = dict(_teacher(cfg), weights=f'imported: {os.path.abspath(rdata)}')
     return {
         'teachers': [teacher],
         'augmentation': cfg.spec.to_dict(),
@@ -441,9 +448,7 @@ def _meta_fields(cfg: MldrConfig, rdata: str, data_dir: str, classes: Sequence[s
         'shard_size': plan.shard_size,
         'record_dtype': dtype.descr,
         'images_stored_as_png': False,
-        'image_order': {'seed': seed, 'salt': IMPORT_ORDER_SALT,
-                        'rule': 'numpy.random.default_rng([seed, salt]).permutation(num_images)[position]',
-                        'index': 'torchvision ImageFolder order of dataset.root (ml-dr image index)'},
+        'image_order': {'kind': 'permutation', 'seed': seed},  # dataset index = ml-dr's (ImageFolder order)
         'imported_from': {'format': 'ml-dr', 'rdata': os.path.abspath(rdata), 'reinforce': cfg.raw,
                           'teacher': cfg.teacher},
     }
