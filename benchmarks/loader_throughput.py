@@ -68,12 +68,10 @@ MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.225)
 
 
-def create_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description='Reinforced-shard loader vs timm loader throughput')
-    parser.add_argument('--reinforced', default='', help='existing reinforce.py output of the digits (default: write '
-                                                         'shards with fake teacher records)')
+def add_bench_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The flags the loader benchmarks share (images, fake shards, loader settings, rounds, output)."""
     parser.add_argument('--digits-size', type=int, default=32, help='side of the stored digits images')
-    parser.add_argument('--img-size', type=int, default=32, help='student input size of both loaders')
+    parser.add_argument('--img-size', type=int, default=32, help='student input size of the loaders')
     parser.add_argument('--num-samples', type=int, default=400, help='stored augmentations per image (fake shards)')
     parser.add_argument('--topk', type=int, default=10, help='stored classes per augmentation (fake shards)')
     parser.add_argument('--shard-size', type=int, default=256, help='images per shard (fake shards)')
@@ -85,13 +83,21 @@ def create_parser() -> argparse.ArgumentParser:
     parser.add_argument('--image-format', default='png', choices=('png', 'jpg'),
                         help='how the images are stored (folder and shards alike)')
     parser.add_argument('--max-images', type=int, default=0, help='only the first N digits (0: all 1438)')
+    parser.add_argument('--work-dir', default='', help='where to write the image folder and shards (default: tmp)')
+    parser.add_argument('--output', default='', help='JSON result file')
+    return parser
+
+
+def create_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description='Reinforced-shard loader vs timm loader throughput')
+    parser.add_argument('--reinforced', default='', help='existing reinforce.py output of the digits (default: write '
+                                                         'shards with fake teacher records)')
+    add_bench_args(parser)
     parser.add_argument('--compare-checks', action='store_true',
                         help='time the reinforced loader with and without its tamper checks (per-sample checksums '
                              'and duplicate keys)')
     parser.add_argument('--compare-tar-readers', action='store_true',
                         help='time the reinforced loader with WebDataset\'s tar reader vs a hand-written one')
-    parser.add_argument('--work-dir', default='', help='where to write the image folder and shards (default: tmp)')
-    parser.add_argument('--output', default='', help='JSON result file')
     return parser
 
 

@@ -28,7 +28,14 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from loader_throughput import BenchImages, build_rd_loader, run_rounds, summarise, write_fake_shards  # noqa: E402
+from loader_throughput import (  # noqa: E402
+    BenchImages,
+    add_bench_args,
+    build_rd_loader,
+    run_rounds,
+    summarise,
+    write_fake_shards,
+)
 
 from dr.io import atomic_write, software_versions  # noqa: E402
 from dr.reinforce.loader import check_reinforced  # noqa: E402
@@ -40,22 +47,8 @@ def create_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description='Reinforced loader with mixing (+M*) vs without')
     parser.add_argument('--aug', default='rrc+ra_re', choices=('rrc', 'rrc+ra_re'),
                         help='the baseline family; the candidate is the same with +mix')
-    parser.add_argument('--digits-size', type=int, default=32, help='side of the stored digits images')
-    parser.add_argument('--img-size', type=int, default=32, help='student input size')
-    parser.add_argument('--image-format', default='png', choices=('png', 'jpg'), help='stored image encoding')
-    parser.add_argument('--max-images', type=int, default=0, help='only the first N digits (0: all 1438)')
-    parser.add_argument('--num-samples', type=int, default=400, help='stored augmentations per image')
-    parser.add_argument('--topk', type=int, default=10, help='stored classes per augmentation')
-    parser.add_argument('--shard-size', type=int, default=256, help='images per shard')
     parser.add_argument('--mix-group', type=int, default=8, help='partners: images per group of a shard')
-    parser.add_argument('-b', '--batch-size', type=int, default=64)
-    parser.add_argument('-j', '--workers', type=int, default=2)
-    parser.add_argument('--epochs', type=int, default=3, help='timed epochs per loader (after one warm-up epoch)')
-    parser.add_argument('--shuffle-buffer', type=int, default=1000)
-    parser.add_argument('--seed', type=int, default=0)
-    parser.add_argument('--work-dir', default='', help='where to write the shards (default: tmp)')
-    parser.add_argument('--output', default='', help='JSON result file')
-    return parser
+    return add_bench_args(parser)
 
 
 def main(argv: List[str] = None) -> Dict[str, Any]:
