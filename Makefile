@@ -31,6 +31,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/bake_overhead.py
 	$(PY) benchmarks/reinforce_throughput.py
 	$(PY) benchmarks/loader_throughput.py
+	$(PY) benchmarks/mixing_throughput.py
 	$(PY) benchmarks/validate_throughput.py
 
 clean:

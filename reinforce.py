@@ -8,6 +8,8 @@ stored augmentations (explicit parameters) with the teacher ensemble's top-``--t
     torchrun --nproc_per_node=8 reinforce.py /imagenet --dataset '' -c hparams/dr/reinforce/imagenet_plus.yaml
     python reinforce.py --verify out/rd [--teacher resnet18=teacher.pth.tar --verify-samples 32]
     python reinforce.py --stats out/rd
+    python reinforce.py --import-ml-dr imagenet_plus_randaug.tar.gz --data-dir /imagenet/training --output out/inp
+    python reinforce.py --show out/rd --images 0 1 --samples 0 1 2 --save-png show.png --save-npz show.npz
 """
 import argparse
 import datetime
@@ -22,6 +24,8 @@ from dr.config import create_config_parser, save_args_yaml
 from dr.config import parse_args as dr_parse_args
 from dr.reinforce.augment import create_augment_spec
 from dr.reinforce.format import AUG_NAMES, AUG_RRC_RA_RE, load_meta
+from dr.reinforce.importers.mldr_job import import_mldr
+from dr.reinforce.show import save_npz, save_png, show_samples
 from dr.reinforce.sources import create_source
 from dr.reinforce.teachers import create_teacher
 from dr.reinforce.verify import DEFAULT_VERIFY_ATOL, FP16_RTOL, compute_stats, incomplete_run, verify_dir, write_stats
@@ -65,7 +69,8 @@ def create_parser() -> Tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
 
     group = parser.add_argument_group('Reinforcement')
     group.add_argument('--aug', default=AUG_RRC_RA_RE, choices=AUG_NAMES,
-                       help='stored augmentations: rrc (crop+flip) or rrc+ra_re (+RandAugment, random erasing)')
+                       help='stored augmentations: rrc (crop+flip), rrc+ra_re (+RandAugment, random erasing), or '
+                            'either +mix (mixup/cutmix with a partner image of the same group, the paper\'s +M*)')
     group.add_argument('--scale', type=float, nargs=2, default=None, metavar=('MIN', 'MAX'),
                        help='random-resized-crop area range (default: 0.08 1.0)')
     group.add_argument('--ratio', type=float, nargs=2, default=None, metavar=('MIN', 'MAX'),
@@ -76,6 +81,14 @@ def create_parser() -> Tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
                        help='RandAugment magnitude of 31 bins (default: 9)')
     group.add_argument('--re-prob', type=float, default=None, metavar='P',
                        help='random erasing probability (default: 0.25)')
+    group.add_argument('--re-fill', default=None, choices=('mean', 'black'),
+                       help='erased pixels: mean (0 after normalisation, the mean colour; default) or black '
+                            '(0 before normalisation, as ml-dr)')
+    group.add_argument('--mixup-p', type=float, default=None, metavar='P', help='+mix: mixup probability (0.5)')
+    group.add_argument('--cutmix-p', type=float, default=None, metavar='P', help='+mix: cutmix probability (0.5)')
+    group.add_argument('--mix-group', type=int, default=None, metavar='N',
+                       help='+mix: partners are other images of the same group of N consecutive images of a shard '
+                            '(default: 8)')
     group.add_argument('--num-samples', type=int, default=400, metavar='N',
                        help='stored augmentations per image (default: 400)')
     group.add_argument('--topk', type=int, default=10, metavar='K',
@@ -100,6 +113,25 @@ def create_parser() -> Tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     group.add_argument('--verify-rtol', type=float, default=FP16_RTOL, metavar='R',
                        help='relative tolerance of replayed probabilities (default: 2**-10, float16)')
     group.add_argument('--stats', default='', metavar='DIR', help='print and write DIR/stats.json')
+
+    group = parser.add_argument_group('Import published reinforcements (apple/ml-dr)')
+    group.add_argument('--import-ml-dr', default='', metavar='RDATA',
+                       help='an ml-dr rdata archive (.tar.gz, streamed) or its extracted directory: convert it to '
+                            'shards in --output (with --data-dir; --shard-size, --seed (shard order), -j apply)')
+    group.add_argument('--data-dir', dest='import_data_dir', default='', metavar='IMAGEFOLDER',
+                       help='the image folder the rdata was made from (torchvision ImageFolder order = ml-dr index)')
+
+    group = parser.add_argument_group('Show stored augmentations')
+    group.add_argument('--show', default='', metavar='DIR',
+                       help='replay stored augmentations of DIR exactly as the training loader does')
+    group.add_argument('--images', type=int, nargs='+', default=[0], metavar='I',
+                       help='source dataset indices of the images to show (default: 0)')
+    group.add_argument('--samples', type=int, nargs='+', default=[0], metavar='K',
+                       help='stored augmentations to show per image (default: 0)')
+    group.add_argument('--save-npz', default='', metavar='FILE',
+                       help='write the replays (float32 CHW, normalised; keys "<image>_<sample>")')
+    group.add_argument('--save-png', default='', metavar='FILE',
+                       help='write a grid of the replays with each sample\'s top-3 teacher classes')
     return config_parser, parser
 
 
@@ -156,6 +188,35 @@ def run_stats(args) -> int:
     return 0
 
 
+def run_import(args, args_text: str) -> int:
+    if not args.output or not args.import_data_dir:
+        raise ValueError('--import-ml-dr needs --data-dir (the image folder) and --output (the shard directory)')
+    os.makedirs(args.output, exist_ok=True)
+    save_args_yaml(args_text, args.output)
+    meta = import_mldr(args.import_ml_dr, args.import_data_dir, args.output, num_classes=args.num_classes,
+                       shard_size=args.shard_size, seed=args.seed, workers=args.workers,
+                       progress=not args.no_progress)
+    print(f'{args.output}: imported {meta["num_images"]} images x {meta["num_samples"]} augmentations '
+          f'({meta["augmentation"]["name"]}, top-{meta["topk"]}) in {len(meta["shards"])} shards, '
+          f'{meta["bytes_per_augmentation"]:.2f} bytes/augmentation')
+    return 0
+
+
+def run_show(args) -> int:
+    shown = show_samples(args.show, args.images, args.samples)
+    meta = load_meta(args.show)
+    for key, item in shown.items():
+        names = meta.get('class_names') or []
+        top = ', '.join(f'{names[int(i)] if int(i) < len(names) else int(i)} {float(p):.3f}'
+                        for i, p in zip(item['ids'][:3], item['probs'][:3]))
+        print(f'{key}: label {item["label"]}, top-3 {top}')
+    if args.save_npz:
+        print(f'wrote {save_npz(args.save_npz, shown)}')
+    if args.save_png:
+        print(f'wrote {save_png(args.save_png, shown, meta.get("class_names"))}')
+    return 0
+
+
 def run_reinforce(args, args_text: str) -> int:
     if not args.output:
         raise ValueError('--output is required (directory for the shards)')
@@ -171,7 +232,9 @@ def run_reinforce(args, args_text: str) -> int:
     if args.topk > num_classes:
         raise ValueError(f'--topk {args.topk} is larger than the number of classes ({num_classes})')
     spec = create_augment_spec(args.aug, scale=args.scale, ratio=args.ratio, hflip=args.hflip,
-                               ra_num_ops=args.ra_num_ops, ra_magnitude=args.ra_magnitude, re_prob=args.re_prob)
+                               ra_num_ops=args.ra_num_ops, ra_magnitude=args.ra_magnitude, re_prob=args.re_prob,
+                               re_fill=args.re_fill, mixup_p=args.mixup_p, cutmix_p=args.cutmix_p,
+                               mix_group=args.mix_group)
     rank, world_size, local_rank = _init_distributed()
     device = args.device
     if world_size > 1 and device == 'cuda':
@@ -223,6 +286,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return run_verify(args)
         if args.stats:
             return run_stats(args)
+        if args.import_ml_dr:
+            return run_import(args, args_text)
+        if args.show:
+            return run_show(args)
         return run_reinforce(args, args_text)
     except (ValueError, FileNotFoundError) as e:
         _logger.error(str(e))

@@ -57,9 +57,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from dr.data import DigitsDataset  # noqa: E402
 from dr.io import atomic_write, sha256_file, software_versions  # noqa: E402
-from dr.reinforce.augment import AugmentSpec, create_augment_spec, sample_records  # noqa: E402
+from dr.reinforce.augment import AugmentSpec, create_augment_spec, sample_mix_records, sample_records  # noqa: E402
 from dr.reinforce.format import SCHEMA_VERSION, build_shard, encode_records, record_dtype, shard_name  # noqa: E402
 from dr.reinforce.loader import SampleDecoder, _ShardReader, check_reinforced, create_reinforced_loader  # noqa: E402
+from dr.reinforce.writer import ShardPlan  # noqa: E402
 
 _logger = logging.getLogger('loader_throughput')
 
@@ -67,12 +68,10 @@ MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.225)
 
 
-def create_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description='Reinforced-shard loader vs timm loader throughput')
-    parser.add_argument('--reinforced', default='', help='existing reinforce.py output of the digits (default: write '
-                                                         'shards with fake teacher records)')
+def add_bench_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The flags the loader benchmarks share (images, fake shards, loader settings, rounds, output)."""
     parser.add_argument('--digits-size', type=int, default=32, help='side of the stored digits images')
-    parser.add_argument('--img-size', type=int, default=32, help='student input size of both loaders')
+    parser.add_argument('--img-size', type=int, default=32, help='student input size of the loaders')
     parser.add_argument('--num-samples', type=int, default=400, help='stored augmentations per image (fake shards)')
     parser.add_argument('--topk', type=int, default=10, help='stored classes per augmentation (fake shards)')
     parser.add_argument('--shard-size', type=int, default=256, help='images per shard (fake shards)')
@@ -84,13 +83,21 @@ def create_parser() -> argparse.ArgumentParser:
     parser.add_argument('--image-format', default='png', choices=('png', 'jpg'),
                         help='how the images are stored (folder and shards alike)')
     parser.add_argument('--max-images', type=int, default=0, help='only the first N digits (0: all 1438)')
+    parser.add_argument('--work-dir', default='', help='where to write the image folder and shards (default: tmp)')
+    parser.add_argument('--output', default='', help='JSON result file')
+    return parser
+
+
+def create_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description='Reinforced-shard loader vs timm loader throughput')
+    parser.add_argument('--reinforced', default='', help='existing reinforce.py output of the digits (default: write '
+                                                         'shards with fake teacher records)')
+    add_bench_args(parser)
     parser.add_argument('--compare-checks', action='store_true',
                         help='time the reinforced loader with and without its tamper checks (per-sample checksums '
                              'and duplicate keys)')
     parser.add_argument('--compare-tar-readers', action='store_true',
                         help='time the reinforced loader with WebDataset\'s tar reader vs a hand-written one')
-    parser.add_argument('--work-dir', default='', help='where to write the image folder and shards (default: tmp)')
-    parser.add_argument('--output', default='', help='JSON result file')
     return parser
 
 
@@ -243,20 +250,25 @@ def write_image_folder(images: BenchImages, root: str) -> str:
 
 
 def write_fake_shards(images: BenchImages, out_dir: str, num_samples: int, topk: int, shard_size: int,
-                      seed: int, schema: int = SCHEMA_VERSION) -> str:
+                      seed: int, schema: int = SCHEMA_VERSION, aug: str = 'rrc+ra_re', mix_group: int = 8) -> str:
     """Shards in the reinforce.py format with real augmentation parameters and random teacher top-k records
-    (``schema=1``: the version-1 layout, without the per-sample checksum members)."""
+    (``schema=1``: the version-1 layout, without the per-sample checksum members; ``+mix`` augmentations: partners
+    within groups of ``mix_group`` images of a shard, as reinforce.py draws them)."""
     os.makedirs(out_dir, exist_ok=True)
-    spec = create_augment_spec('rrc+ra_re')
+    spec = create_augment_spec(aug, **({'mix_group': mix_group} if aug.endswith('+mix') else {}))
     num_classes = len(images.classes)
     dtype = record_dtype(topk, num_classes, spec.name)
     rng = np.random.default_rng(seed)
+    plan = ShardPlan(np.arange(len(images)), shard_size)
     shards = []
     for s, start in enumerate(range(0, len(images), shard_size)):
         samples = []
         image_bytes = 0
         for i in range(start, min(start + shard_size, len(images))):
             rec = sample_records(rng, images.size, images.size, spec, num_samples, dtype)
+            if spec.has_mix:
+                mates = plan.mix_partners(i, spec.mix_group)
+                sample_mix_records(rng, rec, mates, [(images.size, images.size)] * len(mates), spec)
             logits = rng.normal(size=(num_samples, num_classes))
             logits[:, images.label(i)] += 4.0
             probs = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)

@@ -11,3 +11,14 @@ def subprocess_env(extra_path: Optional[str] = None, **overrides: str) -> Dict[s
     env = dict(os.environ, OMP_NUM_THREADS='1', PYTHONPATH=path)
     env.update(overrides)
     return env
+
+
+def shared_dir() -> Optional[str]:
+    """The read-only shared material (papers, fixtures): ``$DR_SHARED``, else ``<repo>/../shared``, else
+    ``<repo>/shared``; None when none exists."""
+    candidates = [os.environ.get('DR_SHARED', ''), os.path.join(os.path.dirname(REPO), 'shared'),
+                  os.path.join(REPO, 'shared')]
+    for path in candidates:
+        if path and os.path.isdir(path):
+            return os.path.abspath(path)
+    return None

@@ -9,7 +9,9 @@ Each tar sample is consecutive members sharing a key (the WebDataset convention)
   ``ids`` (top-k class ids, descending probability), ``probs`` (float16 ensemble-mean probabilities),
   ``crop`` (x, y, w, h in original-image pixels), ``flags`` (bit 0 hflip, bit 1 random erasing, bits 2-3 sign of
   RandAugment op 1/2), and for ``rrc+ra_re`` also ``ra_ops`` (indices into the op-name table) and ``re_box``
-  (top, left, h, w of the erased box in 1/255 of the output size);
+  (top, left, h, w of the erased box in 1/255 of the output size). The ``+mix`` variants (schema 2) add the partner's
+  ``mix_ref`` (its position in the dataset), ``mix_crop``/``mix_flags``/``mix_ra_ops``/``mix_re_box``, the mixup
+  ``mix_lam`` and the cutmix ``mix_box`` (flags bits 4/5 say whether mixup/cutmix apply).
 
 Schema 2 shards start with one more member, ``__rd__/checksums.npy`` (WebDataset's readers skip ``__*__/`` names): a
 ``.npy`` structured array with, per sample in shard order, its ``index`` in the source dataset and its ``xxh3``
@@ -34,7 +36,7 @@ import xxhash
 _logger = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 2
-READABLE_SCHEMA_VERSIONS = (1, 2)  # version 1: no per-sample checksums, images in dataset order
+READABLE_SCHEMA_VERSIONS = (1, 2)  # version 1: no per-sample checksums, images in dataset order, no mixing
 META_NAME = 'reinforce.json'
 RECORDS_EXT = 'rd.npy'
 CHECKSUMS_MEMBER = '__rd__/checksums.npy'  # schema 2: first member of a shard, per sample (index, xxh3)
@@ -44,16 +46,30 @@ LABEL_EXT = 'cls'
 IMAGE_EXTS = ('jpg', 'jpeg', 'png', 'webp', 'ppm', 'pgm', 'pbm', 'pnm', 'bmp', 'gif', 'tif', 'tiff')
 AUG_RRC = 'rrc'
 AUG_RRC_RA_RE = 'rrc+ra_re'
-AUG_NAMES = (AUG_RRC, AUG_RRC_RA_RE)
+AUG_RRC_MIX = 'rrc+mix'
+AUG_RRC_RA_RE_MIX = 'rrc+ra_re+mix'
+AUG_NAMES = (AUG_RRC, AUG_RRC_RA_RE, AUG_RRC_MIX, AUG_RRC_RA_RE_MIX)
 SHARD_RE = re.compile(r'^(\d{6})\.tar$')
 
 # flag bits of the ``flags`` field
 FLAG_HFLIP = 1
 FLAG_ERASE = 2
 FLAG_RA_NEG = (4, 8)  # sign of RandAugment op 1 / op 2 (set = negative magnitude)
+FLAG_MIXUP = 16  # (+mix variants) the sample is mixed up with its partner (``mix_lam``)
+FLAG_CUTMIX = 32  # (+mix variants) a box of the partner (``mix_box``) is pasted into the sample
 
 # A float16 probability carries a relative rounding error <= 2**-11, so a row's stored sum can exceed 1 by that much.
 PROB_SUM_TOL = 1e-3
+
+
+def aug_has_ra_re(aug_name: str) -> bool:
+    """Whether augmentation ``aug_name`` stores RandAugment ops and a random-erasing box."""
+    return aug_name in (AUG_RRC_RA_RE, AUG_RRC_RA_RE_MIX)
+
+
+def aug_has_mix(aug_name: str) -> bool:
+    """Whether augmentation ``aug_name`` mixes each stored augmentation with a partner image (+M* variants)."""
+    return aug_name in (AUG_RRC_MIX, AUG_RRC_RA_RE_MIX)
 
 
 def shard_name(index: int) -> str:
@@ -67,7 +83,9 @@ def record_dtype(topk: int, num_classes: int, aug_name: str, max_side: int = 655
     Args:
         topk: number of stored class ids / probabilities per augmentation.
         num_classes: ids are ``<u2`` up to 65535 classes, ``<u4`` above.
-        aug_name: ``rrc`` (crop + flip fields only) or ``rrc+ra_re`` (adds ``ra_ops`` and ``re_box``).
+        aug_name: ``rrc`` (crop + flip fields only), ``rrc+ra_re`` (adds ``ra_ops`` and ``re_box``); the ``+mix``
+            variants add the partner's fields (``mix_ref``, ``mix_crop``, ``mix_flags``, ``mix_ra_ops``,
+            ``mix_re_box``), the mixup ``mix_lam`` and the cutmix ``mix_box``.
         max_side: largest image side of the dataset; crop boxes are ``<u4`` when it exceeds 65535.
     """
     if aug_name not in AUG_NAMES:
@@ -82,8 +100,13 @@ def record_dtype(topk: int, num_classes: int, aug_name: str, max_side: int = 655
         ('crop', crop_type, (4,)),
         ('flags', 'u1'),
     ]
-    if aug_name == AUG_RRC_RA_RE:
+    if aug_has_ra_re(aug_name):
         fields += [('ra_ops', 'u1', (2,)), ('re_box', 'u1', (4,))]
+    if aug_has_mix(aug_name):
+        fields += [('mix_ref', '<u4'), ('mix_crop', crop_type, (4,)), ('mix_flags', 'u1')]
+        if aug_has_ra_re(aug_name):
+            fields += [('mix_ra_ops', 'u1', (2,)), ('mix_re_box', 'u1', (4,))]
+        fields += [('mix_lam', '<f4'), ('mix_box', 'u1', (4,))]
     return np.dtype(fields)
 
 

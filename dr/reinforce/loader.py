@@ -53,7 +53,7 @@ from webdataset.shardlists import expand_urls
 from webdataset.tariterators import group_by_keys, tar_file_iterator
 
 from ..io import sha256_file
-from .augment import AugmentSpec, apply_record_pil, re_pixel_box
+from .augment import AugmentSpec, apply_record_pil, erase_fill, mix_, needs_partner, partner_fields, re_pixel_box
 from .format import (
     CHECKSUMS_MEMBER,
     FLAG_ERASE,
@@ -63,6 +63,8 @@ from .format import (
     PROB_SUM_TOL,
     READABLE_SCHEMA_VERSIONS,
     RECORDS_EXT,
+    aug_has_mix,
+    aug_has_ra_re,
     check_records,
     decode_checksums,
     decode_records,
@@ -71,6 +73,7 @@ from .format import (
     load_meta,
     sample_checksum,
 )
+from .partners import PartnerImages
 from .verify import incomplete_run, meta_problems
 
 _logger = logging.getLogger(__name__)
@@ -433,7 +436,8 @@ class SampleDecoder:
         self.checksums = int(meta.get('schema_version', 1)) >= 2
         self.dtype = dtype_from_descr(meta['record_dtype']) if meta.get('record_dtype') else None
         aug = meta['augmentation']
-        self.needs_ra = aug.get('name') == 'rrc+ra_re'
+        self.needs_ra = aug_has_ra_re(aug.get('name'))
+        self.needs_mix = aug_has_mix(aug.get('name'))
         self.num_ops = len(aug.get('ra_ops', ())) if self.needs_ra else 0
         self._header: Optional[bytes] = None
         self._dtype: Optional[np.dtype] = None
@@ -455,7 +459,10 @@ class SampleDecoder:
         url, key = sample.get('__url__'), sample.get('__key__')
         records = decode_records(data, where=f'shard {url} key {key}')
         if self.needs_ra and 'ra_ops' not in records.dtype.names:
-            raise ValueError('records lack the ra_ops/re_box fields of augmentation rrc+ra_re')
+            raise ValueError('records lack the ra_ops/re_box fields of RandAugment + random erasing')
+        if self.needs_mix and ('mix_ref' not in records.dtype.names or (self.needs_ra and 'mix_ra_ops' not in
+                                                                        records.dtype.names)):
+            raise ValueError('records lack the partner fields (mix_ref, ...) of a mixing (+mix) augmentation')
         k = records.dtype['ids'].shape[0] if records.dtype['ids'].shape else 1
         if k != self.topk or records.dtype['probs'].shape != records.dtype['ids'].shape:
             raise ValueError(f'records hold top-{k}, reinforce.json says topk={self.topk}')
@@ -540,6 +547,18 @@ class SampleDecoder:
             problem = f'RandAugment op index {max(record["ra_ops"].tolist())} outside the op table'
         if problem:
             raise ReinforcedDataError(f'{self.where(sample)}: stored augmentation {index}: {problem}')
+
+    def check_partner(self, record: np.void, img: Image.Image, sample: Dict[str, Any], index: int, key: str) -> None:
+        """The partner half of a mixing stored augmentation: its crop box and op indices against the partner."""
+        x, y, w, h = record['mix_crop'].tolist()
+        problem = None
+        if w < 1 or h < 1 or x + w > img.width or y + h > img.height:
+            problem = f'partner crop box {[x, y, w, h]} does not fit the image of size {img.width}x{img.height}'
+        elif self.num_ops and max(record['mix_ra_ops'].tolist()) >= self.num_ops:
+            problem = f'partner RandAugment op index {max(record["mix_ra_ops"].tolist())} outside the op table'
+        if problem:
+            raise ReinforcedDataError(f'{self.where(sample)}: stored augmentation {index} (partner '
+                                      f'{int(record["mix_ref"])}, key {key}): {problem}')
 
     def check_all(self, records: np.ndarray, img: Image.Image, sample: Dict[str, Any]) -> None:
         """Every stored augmentation of a sample (``check_reinforced`` on the first sample)."""
@@ -758,6 +777,9 @@ class ReinforcedShards(torch.utils.data.IterableDataset):
         self._decoder = SampleDecoder(self.meta, where_flag)
         self._mean_np = np.asarray(self.mean, dtype=np.float32).reshape(-1, 1, 1)
         self._std_np = np.asarray(self.std, dtype=np.float32).reshape(-1, 1, 1)
+        self._fill = erase_fill(self.spec, self.mean, self.std).numpy()
+        # +mix: partners are read by dataset position from the local shard files (``dr.reinforce.partners``)
+        self._partners = PartnerImages(meta, where_flag) if self.spec.has_mix else None
 
     def set_epoch(self, epoch: int) -> None:
         self._epoch.value = int(epoch)
@@ -815,22 +837,54 @@ class ReinforcedShards(torch.utils.data.IterableDataset):
             stages.append(wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, rng=rng))
         return iter(wds.DataPipeline(*stages))
 
+    def _partner(self, record: np.void, sample: Dict[str, Any], index: int, size: Tuple[int, int]) -> Tuple[Any, ...]:
+        """The partner half of a mixing stored augmentation: (uint8 HxWx3 replay, erase box or None, record)."""
+        position = int(record['mix_ref'])
+        try:
+            key, ext, data = self._partners.get(position)
+            img = _open_image(data, ext)
+        except Exception as e:
+            raise ReinforcedDataError(f'{self._decoder.where(sample)}: stored augmentation {index}: cannot read '
+                                      f'its partner image {position} ({type(e).__name__}: {e})') from e
+        self._decoder.check_partner(record, img, sample, index, key)
+        fields = partner_fields(record)
+        out = apply_record_pil(img, fields, self.spec, size, self.interpolation)
+        erase = fields['re_box'] if self.spec.has_ra_re and int(fields['flags']) & FLAG_ERASE else None
+        return np.asarray(out), erase, record
+
+    def replay(self, sample: Dict[str, Any], index: Optional[int] = None) -> Tuple[Any, ...]:
+        """Stored augmentation ``index`` of a raw sample, as :meth:`_process` prepares it for :meth:`collate`
+        (``reinforce.py --show`` uses this to show exactly what training sees)."""
+        img, label, records = self._decoder(sample)
+        if not 0 <= int(index) < len(records):
+            raise ValueError(f'{self._decoder.where(sample)}: no stored augmentation {index} '
+                             f'(it has {len(records)})')
+        return self._replay(sample, img, label, records, int(index))
+
+    def _replay(self, sample: Dict[str, Any], img: Image.Image, label: int, records: np.ndarray,
+                index: int) -> Tuple[Any, ...]:
+        _, h, w = self.input_size
+        record = records[index]
+        self._decoder.check_record(record, img, sample, index)
+        try:
+            out = apply_record_pil(img, record, self.spec, (h, w), self.interpolation)
+        except Exception as e:
+            raise ReinforcedDataError(f'{self._decoder.where(sample)}: cannot replay stored augmentation {index} '
+                                      f'({type(e).__name__}: {e})') from e
+        erase = record['re_box'] if self.spec.has_ra_re and int(record['flags']) & FLAG_ERASE else None
+        partner = None
+        if self._partners is not None and needs_partner(record):
+            partner = self._partner(record, sample, index, (h, w))
+        return 'rd', np.asarray(out), label, record['ids'], record['probs'], erase, partner
+
     def _process(self, sample: Dict[str, Any]) -> Tuple[Any, ...]:
-        """One sample: ('rd', uint8 HxWx3 replay, label, ids, probs, erase box) or ('fb', tensor, label)."""
+        """One sample: ('rd', uint8 HxWx3 replay, label, ids, probs, erase box, partner or None) or ('fb', tensor,
+        label); the partner of a mixing augmentation is (uint8 replay, erase box, record)."""
         img, label, records = self._decoder(sample)
         u, index, fallback_seed = sample_draws(self.seed, self.epoch, sample['__pass__'], sample['__key__'],
                                                len(records))
-        _, h, w = self.input_size
         if u < self.rd_p:
-            record = records[index]
-            self._decoder.check_record(record, img, sample, index)
-            try:
-                out = apply_record_pil(img, record, self.spec, (h, w), self.interpolation)
-            except Exception as e:
-                raise ReinforcedDataError(f'{self._decoder.where(sample)}: cannot replay stored augmentation {index} '
-                                          f'({type(e).__name__}: {e})') from e
-            erase = record['re_box'] if self.spec.has_ra_re and int(record['flags']) & FLAG_ERASE else None
-            return 'rd', np.asarray(out), label, record['ids'], record['probs'], erase
+            return self._replay(sample, img, label, records, index)
         # the fallback transform draws from the global RNGs: seeded per (seed, epoch, key) for reproducibility
         with _seeded_global_rngs(fallback_seed):
             x = self.fallback_transform(img)
@@ -839,9 +893,25 @@ class ReinforcedShards(torch.utils.data.IterableDataset):
                              f'expected {self.input_size}')
         return 'fb', x, label
 
-    def _collate(self, samples: List[Tuple[Any, ...]]) -> Tuple[torch.Tensor, ...]:
-        """Stack a batch; replays are normalised batch-wise (the same float ops as ``augment.apply_record``,
-        then the stored erase box is zeroed) and their targets densified in one call."""
+    def _normalize(self, pixels: List[np.ndarray]) -> np.ndarray:
+        """uint8 HxWx3 replays -> float32 [n, 3, H, W]: ``augment.normalize_uint8``'s float32 ops (x / 255 - mean) /
+        std, in numpy: single-threaded, so a loader without workers does not contend with the training step's threads
+        (bit-identical, see the tests); erasing and mixing stay in numpy for the same reason."""
+        x = np.stack(pixels).transpose(0, 3, 1, 2).astype(np.float32, order='C')
+        x /= np.float32(255)
+        x -= self._mean_np
+        x /= self._std_np
+        return x
+
+    def _erase(self, x: np.ndarray, box: Optional[np.ndarray]) -> None:
+        if box is not None:
+            t, left, eh, ew = re_pixel_box(box, x.shape[-2], x.shape[-1])
+            x[:, t:t + eh, left:left + ew] = self._fill
+
+    def collate(self, samples: List[Tuple[Any, ...]]) -> Tuple[torch.Tensor, ...]:
+        """Stack a batch; replays are normalised batch-wise (the same float ops as ``augment.apply_record``, then the
+        stored erase box is filled and a mixing sample is mixed with its partner) and their targets densified in one
+        call: the target of a mixed sample is the teacher output stored for the mixed image, not a mix of labels."""
         n = len(samples)
         c, h, w = self.input_size
         labels = torch.tensor([s[2] for s in samples], dtype=torch.int64)
@@ -851,21 +921,21 @@ class ReinforcedShards(torch.utils.data.IterableDataset):
         if len(rd_rows) < n:
             x = torch.empty((n, c, h, w), dtype=torch.float32)
         if rd_rows:
-            # augment.normalize_uint8's float32 ops (x / 255 - mean) / std, in numpy: single-threaded, so a loader
-            # without workers does not contend with the training step's threads (bit-identical, see the tests)
-            pixels = np.stack([samples[i][1] for i in rd_rows]).transpose(0, 3, 1, 2).astype(np.float32, order='C')
-            pixels /= np.float32(255)
-            pixels -= self._mean_np
-            pixels /= self._std_np
+            pixels = self._normalize([samples[i][1] for i in rd_rows])
+            for j, i in enumerate(rd_rows):
+                self._erase(pixels[j], samples[i][5])
+            mixed = [j for j, i in enumerate(rd_rows) if samples[i][6] is not None]
+            if mixed:
+                partners = self._normalize([samples[rd_rows[j]][6][0] for j in mixed])
+                for x2, j in zip(partners, mixed):
+                    _, box, record = samples[rd_rows[j]][6]
+                    self._erase(x2, box)
+                    pixels[j] = mix_(pixels[j], x2, record)  # the same float32 ops on numpy arrays
             normalized = torch.from_numpy(pixels)
             if len(rd_rows) == n:
                 x = normalized
             else:
                 x[rd_rows] = normalized
-            for i in rd_rows:
-                if samples[i][5] is not None:
-                    t, left, eh, ew = re_pixel_box(samples[i][5], h, w)
-                    x[i, :, t:t + eh, left:left + ew] = 0
             ids = np.stack([samples[i][3] for i in rd_rows])
             probs = np.stack([samples[i][4] for i in rd_rows])
             target[rd_rows] = densify(ids, probs, self.num_classes, mode=self.rd_densify)
@@ -877,7 +947,7 @@ class ReinforcedShards(torch.utils.data.IterableDataset):
     def __iter__(self) -> Iterator[Tuple[torch.Tensor, ...]]:
         samples = self.sample_stream(self.epoch, self._worker())
         return iter(wds.DataPipeline(lambda: samples, wds.map(self._process),
-                                     wds.batched(self.batch_size, collation_fn=self._collate, partial=True)))
+                                     wds.batched(self.batch_size, collation_fn=self.collate, partial=True)))
 
 
 class ReinforcedLoader:

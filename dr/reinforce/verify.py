@@ -13,12 +13,13 @@ import numpy as np
 import torch
 
 from ..io import atomic_write, sha256_file
-from .augment import decode_image, replay
+from .augment import decode_image, needs_partner, replay
 from .format import (
     CHECKSUMS_MEMBER,
     LABEL_EXT,
     META_NAME,
     SHARD_RE,
+    aug_has_mix,
     check_records,
     decode_records,
     dtype_from_descr,
@@ -27,6 +28,7 @@ from .format import (
     meta_image_order,
     sample_checksum,
 )
+from .partners import PartnerImages
 
 _logger = logging.getLogger(__name__)
 
@@ -249,9 +251,12 @@ def _replay_problems(meta: Dict[str, Any], replays: List[Tuple[str, bytes, np.vo
                      rtol: float) -> List[str]:
     """Replay stored augmentations through ``teacher``; one line per mismatch."""
     failures = []
+    partners = PartnerImages(meta) if aug_has_mix(meta['augmentation'].get('name')) else None
     for where, data, rec, _ in replays:
         img = decode_image(data)
-        inputs = [replay(img, rec, meta, m).unsqueeze(0).to(device) for m in range(len(meta['teachers']))]
+        partner = partners.get(int(rec['mix_ref']))[2] if partners and needs_partner(rec) else None  # +mix
+        inputs = [replay(img, rec, meta, m, partner=partner).unsqueeze(0).to(device)
+                  for m in range(len(meta['teachers']))]
         amp = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext()
         with torch.inference_mode(), amp:
             fresh = teacher.forward_members(inputs)[0]

@@ -17,6 +17,7 @@ The job is three named pieces wired by :class:`Reinforcer`:
   resolution); the batcher normalises, erases, batches augmentations of several images together and runs the teacher
   ensemble (AMP / channels-last optional) as soon as a batch is full.
 """
+import collections
 import concurrent.futures
 import dataclasses
 import datetime
@@ -36,10 +37,14 @@ from tqdm import tqdm
 from ..io import atomic_write, sha256_file, software_versions
 from .augment import (
     AugmentSpec,
+    augment_partners_uint8,
     augment_uint8,
     decode_image,
-    erase_mask,
+    erase_batch,
+    erase_fill,
+    mix_batch,
     normalize_uint8,
+    sample_mix_records,
     sample_records,
 )
 from .format import (
@@ -137,6 +142,14 @@ class ShardPlan:
         """(position, source index) of every image of ``shards``, in writing order."""
         return [(p, int(self.order[p])) for s in shards for p in range(*self.shard_range(s))]
 
+    def mix_partners(self, position: int, group: int) -> List[int]:
+        """Positions a ``+mix`` augmentation at ``position`` may mix with: the other images of its group of ``group``
+        consecutive positions of its shard (the image itself when it is alone in its group)."""
+        lo, hi = self.shard_range(self.shard_of(position))
+        start = lo + (position - lo) // group * group
+        mates = [q for q in range(start, min(start + group, hi)) if q != position]
+        return mates or [position]
+
 
 # ----------------------------------------------------------------------------------------------------------------
 # workers: augmentations of each image
@@ -157,17 +170,43 @@ class AugmentedImages(Dataset):
     range, so a chunk's content does not depend on the chunking; the first chunk of an image also carries the
     original bytes, label and records. Chunks bound the memory in flight (``num_samples`` may be thousands).
 
+    ``+mix`` augmentations draw their partner among the other images of the image's group (``ShardPlan.mix_partners``
+    with ``spec.mix_group``) after the image's own draws, from the same generator; the chunk then also carries the
+    partners' uint8 augmentations (``mix_views``). Decoded images are kept in a small per-worker cache, as the
+    images of a group are each other's partners.
+
     Args:
         items: (position, source index) per image, in writing order.
+        plan: the shard plan (``+mix`` variants: partner groups and the source index at each position).
     """
 
     def __init__(self, source: ImageSource, items: Sequence[Tuple[int, int]], spec: AugmentSpec, dtype: np.dtype,
-                 seed: int, num_samples: int, views: Sequence[View], num_classes: int, samples_per_item: int = 0):
+                 seed: int, num_samples: int, views: Sequence[View], num_classes: int, samples_per_item: int = 0,
+                 plan: Optional[ShardPlan] = None):
         self.source, self.spec, self.dtype = source, spec, dtype
         self.seed, self.num_samples, self.views, self.num_classes = seed, num_samples, list(views), num_classes
         step = samples_per_item if samples_per_item > 0 else num_samples
         self.chunks = [(int(p), int(i), a, min(step, num_samples - a))
                        for p, i in items for a in range(0, num_samples, step)]
+        if spec.has_mix and (plan is None or spec.mix_group < 1):
+            raise ValueError(f'augmentation {spec.name} needs the shard plan and mix_group >= 1 to draw partners')
+        self.plan = plan
+        self._decoded: collections.OrderedDict[int, Any] = collections.OrderedDict()
+
+    def _decode(self, index: int, src: Any = None) -> Any:
+        """Source image ``index`` decoded (RGB PIL), through a small LRU cache."""
+        if index in self._decoded:
+            self._decoded.move_to_end(index)
+            return self._decoded[index]
+        src = src or self.source.get(index)
+        try:
+            img = decode_image(src.data)
+        except Exception as e:
+            raise ValueError(f'image {index} (key {src.key}): cannot decode ({e})') from e
+        self._decoded[index] = img
+        while len(self._decoded) > 2 * max(1, self.spec.mix_group) + 1:
+            self._decoded.popitem(last=False)
+        return img
 
     def __len__(self) -> int:
         return len(self.chunks)
@@ -178,15 +217,20 @@ class AugmentedImages(Dataset):
         if not 0 <= src.label < self.num_classes:
             raise ValueError(f'image {index} (key {src.key}): label {src.label} outside 0..{self.num_classes - 1} '
                              f'(check --num-classes)')
-        try:
-            img = decode_image(src.data)
-        except Exception as e:
-            raise ValueError(f'image {index} (key {src.key}): cannot decode ({e})') from e
-        records = sample_records(image_rng(self.seed, index), img.width, img.height, self.spec, self.num_samples,
-                                 self.dtype)
+        img = self._decode(index, src)
+        rng = image_rng(self.seed, index)
+        records = sample_records(rng, img.width, img.height, self.spec, self.num_samples, self.dtype)
+        partners = {}
+        if self.spec.has_mix:
+            mates = self.plan.mix_partners(position, self.spec.mix_group)
+            partners = {q: self._decode(int(self.plan.order[q])) for q in mates}
+            sample_mix_records(rng, records, mates, [partners[q].size for q in mates], self.spec)
         part = records[start:start + count]
         out = {'position': position, 'index': index, 'start': start, 'count': count,
                'views': [augment_uint8(img, part, self.spec, size, interp) for size, interp in self.views]}
+        if self.spec.has_mix:
+            out['mix_views'] = [augment_partners_uint8(partners, part, self.spec, size, interp)
+                                for size, interp in self.views]
         if start == 0:
             out.update(key=src.key, ext=src.ext, image=src.data, label=src.label, records=records)
         return out
@@ -222,17 +266,25 @@ class TeacherBatcher:
         self._pending: List[Slice] = []
         self._filled = 0
 
-    def teacher_inputs(self, views_u8: Sequence[torch.Tensor], records: np.ndarray) -> List[torch.Tensor]:
-        """Normalised (and erased) teacher inputs, one per member, from the uint8 views of ``records``."""
-        erase = None
-        if self.spec.has_ra_re:
-            erase = (records['flags'] & FLAG_ERASE) > 0
+    def teacher_inputs(self, views_u8: Sequence[torch.Tensor], records: np.ndarray,
+                       mix_views_u8: Optional[Sequence[torch.Tensor]] = None) -> List[torch.Tensor]:
+        """Normalised (erased, and for ``+mix`` mixed with the partners' ``mix_views_u8``) teacher inputs, one per
+        member, from the uint8 views of ``records``: the float32 operations of ``augment.apply_record``."""
         on_device = [v.to(self.device, non_blocking=True) for v in views_u8]
+        partners = None
+        if self.spec.has_mix and mix_views_u8 is not None:
+            partners = [v.to(self.device, non_blocking=True) for v in mix_views_u8]
         out = []
         for m, cfg in enumerate(self.teacher.member_cfgs):
+            fill = erase_fill(self.spec, cfg['mean'], cfg['std'])
             x = normalize_uint8(on_device[self.member_view[m]], cfg['mean'], cfg['std'])
-            if erase is not None and erase.any():
-                x.masked_fill_(erase_mask(records['re_box'], erase, x.shape[-2], x.shape[-1], device=x.device), 0)
+            if self.spec.has_ra_re:
+                x = erase_batch(x, records['re_box'], (records['flags'] & FLAG_ERASE) > 0, fill)
+            if partners is not None:
+                x2 = normalize_uint8(partners[self.member_view[m]], cfg['mean'], cfg['std'])
+                if self.spec.has_ra_re:
+                    x2 = erase_batch(x2, records['mix_re_box'], (records['mix_flags'] & FLAG_ERASE) > 0, fill)
+                x = mix_batch(x, x2, records)
             if self.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             out.append(x)
@@ -244,7 +296,11 @@ class TeacherBatcher:
         t0 = time.perf_counter()
         views = [torch.cat([ch['views'][v][o:o + c] for _, ch, o, c in slices]) for v in range(len(self.views))]
         records = np.concatenate([e['records'][ch['start'] + o:ch['start'] + o + c] for e, ch, o, c in slices])
-        inputs = self.teacher_inputs(views, records)
+        mix_views = None
+        if self.spec.has_mix:
+            mix_views = [torch.cat([ch['mix_views'][v][o:o + c] for _, ch, o, c in slices])
+                         for v in range(len(self.views))]
+        inputs = self.teacher_inputs(views, records, mix_views)
         if self.captured is not None:
             self.captured.append(inputs)
         if self.amp_dtype is not None:
@@ -262,7 +318,7 @@ class TeacherBatcher:
             e['records']['probs'][a:a + c] = top_p[n:n + c]
             n += c
             if o + c == ch['count']:
-                ch['views'] = None  # this chunk is done: free its pixels
+                ch['views'] = ch['mix_views'] = None  # this chunk is done: free its pixels
         self.seconds += time.perf_counter() - t0  # .cpu() above synchronised the device
 
     def add(self, entry: Dict[str, Any], chunk: Dict[str, Any]) -> None:
@@ -603,7 +659,7 @@ class Reinforcer:
     def build_loader(self, items: Sequence[Tuple[int, int]]) -> DataLoader:
         """The data loader augmenting ``items`` ((position, source index) per image) in order."""
         dataset = AugmentedImages(self.source, items, self.spec, self.dtype, self.seed, self.num_samples,
-                                  self.batcher.views, self.num_classes, self.samples_per_item)
+                                  self.batcher.views, self.num_classes, self.samples_per_item, plan=self.plan)
         return create_augment_loader(dataset, self.workers, pin_memory=self.device.type == 'cuda')
 
     def stream(self, chunks: Iterator[Dict[str, Any]], pbar: Optional[tqdm] = None) -> List[Dict[str, Any]]:

@@ -31,6 +31,8 @@ RECIPES = {
     'imagenet_plus.yaml': (400, 10, 'rrc+ra_re'),
     'imagenet_plus_rrc.yaml': (400, 10, 'rrc'),
     'imagenet_plus_small.yaml': (100, 5, 'rrc+ra_re'),
+    'imagenet_plus_mixing.yaml': (400, 10, 'rrc+mix'),
+    'imagenet_plus_mixing_randaug.yaml': (400, 10, 'rrc+ra_re+mix'),
     'cifar100_plus.yaml': (800, 10, 'rrc+ra_re'),
     'flowers102_plus.yaml': (8000, 10, 'rrc+ra_re'),
     'food101_plus.yaml': (800, 10, 'rrc+ra_re'),
