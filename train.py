@@ -279,7 +279,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> Tuple[argparse.Namespace
     """Parse ``argv`` with YAML defaults from ``--config``; returns (args, resolved args as YAML)."""
     config_parser, parser = create_parser()
     args, args_text = dr_config.parse_args(parser, config_parser, argv)
-    _check_values_and_paths(parser, args)  # first: these need no torch
+    _check_values(parser, args)  # first: these need no torch
     _check_args(parser, args)
     args._parser = parser
     return args, args_text
@@ -307,8 +307,8 @@ def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
         parser.error('--grad-accum-steps must be >= 1')
 
 
-def _check_values_and_paths(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    """Values out of range and files or folders that are missing or in the way, before anything is built."""
+def _check_values(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Values out of range, reported at parse time."""
     if not 0.0 <= args.bake_omega <= 1.0:
         parser.error(f'--bake-omega must lie in [0, 1], got {args.bake_omega}')
     if args.bake_omega == 1.0 and args.bake and not args.bake_one_step:
@@ -319,6 +319,14 @@ def _check_values_and_paths(parser: argparse.ArgumentParser, args: argparse.Name
                              ('-j/--workers', args.workers, 0), ('--log-interval', args.log_interval, 1)):
         if value < low:
             parser.error(f'{flag} must be >= {low}, got {value}')
+
+
+def _check_paths(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Files and folders that are missing or in the way (the run folder), before anything is imported or built.
+
+    ``--resume RUN_DIR`` becomes ``RUN_DIR/last.pth.tar``, and without ``--experiment`` the run continues in the run
+    folder it resumes from.
+    """
     if not args.dataset and (not args.reinforced or args.val_split):  # an ImageFolder (or tar) at DIR is read
         if not args.data_dir:
             parser.error('DIR (the dataset root) is required with --dataset "" (an ImageFolder)')
@@ -332,6 +340,10 @@ def _check_values_and_paths(parser: argparse.ArgumentParser, args: argparse.Name
         folder = os.path.dirname(os.path.abspath(args.resume))
         if not args.experiment and os.path.isfile(os.path.join(folder, 'args.yaml')):
             args.output, args.experiment = os.path.split(folder)  # continue in the run folder resumed from
+    if args.experiment:
+        problem = run_folder_problem(os.path.join(args.output, args.experiment), args.resume, args.overwrite)
+        if problem:
+            parser.error(problem)
 
 
 def _resolve_resume(parser: argparse.ArgumentParser, path: str) -> str:
@@ -521,10 +533,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     """
     args, _ = parse_args(argv)
     parser = vars(args).pop('_parser')
-    if args.experiment:
-        problem = run_folder_problem(os.path.join(args.output, args.experiment), args.resume, args.overwrite)
-        if problem:
-            parser.error(problem)
+    _check_paths(parser, args)
     _import_training_libraries()
     try:
         _check_model_and_checkpoints(args)
