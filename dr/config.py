@@ -115,6 +115,8 @@ def config_value(action: argparse.Action, value: Any) -> Any:
     """
     if action.nargs == 0:
         return _flag_value(action, value)
+    if _is_default(action, value):  # e.g. `wandb_tags: []` in a saved args.yaml, which the command line cannot give
+        return value
     if value is None:
         if action.default is None:
             return None
@@ -144,6 +146,13 @@ def config_value(action: argparse.Action, value: Any) -> Any:
         except ValueError as e:
             raise ValueError(f'item {i + 1}: {e}') from None
     return converted
+
+
+def _is_default(action: argparse.Action, value: Any) -> bool:
+    default = action.default
+    if isinstance(default, tuple):
+        default = list(default)
+    return value is not None and type(value) is type(default) and value == default
 
 
 def _flag_value(action: argparse.Action, value: Any) -> Any:

@@ -94,6 +94,7 @@ def _typed_parser():
     p.add_argument('--amp', action='store_true')
     p.add_argument('--scale', type=float, nargs=2, default=[0.08, 1.0])
     p.add_argument('--tags', nargs='+', default=[])
+    p.add_argument('--names', nargs='+', default=None)
     p.add_argument('--compile', nargs='?', const='inductor', default=None)
     p.add_argument('-v', '--verbose', action='count', default=0)
     dr_config.cli_only(p.add_argument('--overwrite', action='store_true'))
@@ -104,6 +105,7 @@ def test_config_values_convert_like_the_command_line(tmp_path):
     cfg = tmp_path / 'c.yaml'
     cfg.write_text("epochs: '3'\nlr: 1e-4\nname: 2024\namp-dtype: bfloat16\nbake: false\namp: true\n"
                    "scale: [0.5, 1]\ntags: solo\ncompile: true\nverbose: 2\n")
+
     args, text = dr_config.parse_args(_typed_parser(), argv=['-c', str(cfg)])
     assert (args.epochs, args.lr, args.name, args.amp_dtype) == (3, 1e-4, '2024', 'bfloat16')
     assert args.bake is False and args.amp is True and args.scale == [0.5, 1.0] and args.tags == ['solo']
@@ -111,6 +113,11 @@ def test_config_values_convert_like_the_command_line(tmp_path):
     assert 'overwrite' not in yaml.safe_load(text)  # command-line-only flags are not recorded
     args, _ = dr_config.parse_args(_typed_parser(), argv=['-c', str(cfg), '--epochs', '5', '--no-bake', '--overwrite'])
     assert args.epochs == 5 and args.overwrite
+    # what args_to_yaml writes for untouched arguments loads again, e.g. `tags: []` (nargs='+', default [])
+    args, text = dr_config.parse_args(_typed_parser(), argv=[])
+    assert yaml.safe_load(text)['tags'] == []
+    again, _ = dr_config.parse_args(_typed_parser(), argv=['-c', dr_config.save_args_yaml(text, str(tmp_path))])
+    assert vars(again) | {'config': ''} == vars(args) | {'config': ''}
 
 
 @pytest.mark.parametrize('text, key, problem', [
@@ -124,7 +131,7 @@ def test_config_values_convert_like_the_command_line(tmp_path):
     ('name: {a: 1}\n', 'name', 'got a mapping'),
     ('scale: 0.5\n', 'scale', 'a list of 2 value(s)'),
     ('scale: [0.5, x]\n', 'scale', "item 2: expected a number, got the string 'x'"),
-    ('tags: []\n', 'tags', 'one or more values'),
+    ('names: []\n', 'names', 'one or more values'),
     ('verbose: -1\n', 'verbose', 'expected a count'),
     ('overwrite: true\n', 'overwrite', 'command-line-only'),
     ('epoch: 3\n', 'epoch', 'unknown key; did you mean epochs?'),
