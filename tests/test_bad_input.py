@@ -3,6 +3,7 @@
 Every case runs the script in a child process, as a user would. Cases that fail before torch is imported take a
 fraction of a second; the checkpoint and model-name cases import torch and timm (a few seconds each).
 """
+import argparse
 import os
 import subprocess
 import sys
@@ -169,10 +170,14 @@ def test_train_refuses_malicious_checkpoint_without_unsafe_advice(tmp_path, evil
 
 
 @pytest.mark.slow
-def test_train_refuses_garbage_resume_checkpoint(tmp_path):
+def test_train_refuses_garbage_or_other_model_resume_checkpoint(tmp_path):
     garbage = tmp_path / 'last.pth.tar'
     garbage.write_bytes(os.urandom(4096))
     _error(_run('train.py', *TRAIN, '--resume', tmp_path), garbage, 'not a loadable checkpoint')
+    other = tmp_path / 'other.pth.tar'
+    torch.save({'state_dict': {}, 'epoch': 3, 'args': argparse.Namespace(model='resnet18')}, other)
+    _error(_run('train.py', *TRAIN, '--resume', other), f'--resume {other} holds a resnet18 run',
+           '--model is test_resnet')
 
 
 @pytest.mark.slow
