@@ -291,9 +291,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if args.show:
             return run_show(args)
         return run_reinforce(args, args_text)
-    except (ValueError, FileNotFoundError) as e:
-        _logger.error(str(e))
-        print(f'error: {e}', file=sys.stderr)
+    except (ValueError, FileNotFoundError) as e:  # bad input: one argparse-style line on stderr, no traceback
+        print(f'reinforce.py: error: {e}', file=sys.stderr)
         return 2
 
 

@@ -8,41 +8,76 @@ schedulers, EMA, checkpoint saver) and ``timm.task`` training tasks.
     python train.py --dataset digits --model resnet18 --img-size 32 -b 64 --epochs 10 --bake
     torchrun --nproc_per_node=8 train.py /data/imagenet --config hparams/bake/in1k/resnet50_bake.yaml
 """
+from __future__ import annotations  # annotations name torch/timm types, which load only in main()
+
 import argparse
 import dataclasses
+import difflib
+import fnmatch
 import json
 import logging
 import math
 import os
+import shutil
+import sys
 import time
 from collections import OrderedDict
 from contextlib import nullcontext
 from datetime import datetime
 from typing import Any, Dict, Optional, Sequence, Tuple
 
-import torch
-import torch.nn as nn
-from timm import utils
-from timm.data import Mixup, create_loader, create_transform, resolve_data_config
-from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
-from timm.models import create_model, safe_model_name
-from timm.optim import create_optimizer_v2, optimizer_kwargs
-from timm.scheduler import create_scheduler_v2, scheduler_kwargs
-from timm.task import ClassificationTask, evaluation_sample_limit, load_task_ema_checkpoint, resume_task_checkpoint
-from timm.utils import CheckpointSaver, NativeScaler
+from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from dr import config as dr_config
-from dr import data as dr_data
-from dr.io import atomic_write, software_versions
-from dr.loaders import DeviceLoader, create_train_loader, resolve_input_size, seed_everything_for_epoch
+from dr.io import atomic_write, software_versions, truncate_summary
+from dr.wandb_logger import log_epoch
 
 _logger = logging.getLogger('train')
+
+# What train.py writes into a run folder: --overwrite clears these and refuses a folder holding anything else.
+RUN_FOLDER_FILES = ('args.yaml', 'versions.json', 'summary.csv', 'results.json', 'wandb_run_id.txt', 'wandb',
+                    '*.pth.tar', '.*.tmp')
+
+
+def _import_training_libraries() -> None:
+    """The one deliberate lazy import: torch, timm and the dr modules built on them.
+
+    They take seconds to import, so ``main`` loads them only after the flags and the config file are parsed and
+    checked: ``--help`` and flag errors answer at once. Binds the module-level names the training code uses.
+    """
+    global torch, nn, utils, Mixup, create_loader, create_transform, resolve_data_config
+    global LabelSmoothingCrossEntropy, SoftTargetCrossEntropy, create_model, is_model, list_models, safe_model_name
+    global create_optimizer_v2, optimizer_kwargs, create_scheduler_v2, scheduler_kwargs
+    global ClassificationTask, evaluation_sample_limit, load_task_ema_checkpoint, resume_task_checkpoint
+    global CheckpointSaver, NativeScaler, dr_data, load_checkpoint_file
+    global DeviceLoader, create_train_loader, resolve_input_size, seed_everything_for_epoch
+    import torch
+    import torch.nn as nn
+    from timm import utils
+    from timm.data import Mixup, create_loader, create_transform, resolve_data_config
+    from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+    from timm.models import create_model, is_model, list_models, safe_model_name
+    from timm.optim import create_optimizer_v2, optimizer_kwargs
+    from timm.scheduler import create_scheduler_v2, scheduler_kwargs
+    from timm.task import (
+        ClassificationTask,
+        evaluation_sample_limit,
+        load_task_ema_checkpoint,
+        resume_task_checkpoint,
+    )
+    from timm.utils import CheckpointSaver, NativeScaler
+
+    from dr import data as dr_data
+    from dr.checkpoint import load_checkpoint_file
+    from dr.loaders import DeviceLoader, create_train_loader, resolve_input_size, seed_everything_for_epoch
 
 
 def create_parser() -> Tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     """The ``--config`` pre-parser and the full argument parser."""
     config_parser = dr_config.create_config_parser()
-    parser = argparse.ArgumentParser(description='BAKE / reinforced-data image classification training')
+    parser = argparse.ArgumentParser(description='BAKE / reinforced-data image classification training',
+                                     usage='%(prog)s [-h] [-c FILE] [options] [DIR]')
 
     group = parser.add_argument_group('Dataset parameters')
     group.add_argument('data_dir', metavar='DIR', nargs='?', default=None,
@@ -53,7 +88,7 @@ def create_parser() -> Tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     group.add_argument('--train-split', metavar='NAME', default='train', help='dataset train split (default: train)')
     group.add_argument('--val-split', metavar='NAME', default='validation',
                        help='dataset validation split (default: validation); "" disables evaluation')
-    group.add_argument('--digits-size', type=int, default=dr_data.DIGITS_DEFAULT_SIZE, metavar='N',
+    group.add_argument('--digits-size', type=int, default=None, metavar='N',
                        help='side of the upsampled digits images (default: 32)')
     group.add_argument('--class-map', default='', type=str, metavar='FILENAME',
                        help='path to class to idx mapping file (timm datasets)')
@@ -69,7 +104,8 @@ def create_parser() -> Tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     group.add_argument('--initial-checkpoint', default='', type=str, metavar='PATH',
                        help='load model weights from this checkpoint (weights_only) before training')
     group.add_argument('--resume', default='', type=str, metavar='PATH',
-                       help='resume model, optimizer, scaler, EMA, epoch and sampler state from a checkpoint')
+                       help='resume model, optimizer, scaler, EMA, epoch and sampler state from a checkpoint or a '
+                            'run folder (its last.pth.tar)')
     group.add_argument('--no-resume-opt', action='store_true', default=False,
                        help='do not restore the optimizer state when resuming')
     group.add_argument('--num-classes', type=int, default=None, metavar='N',
@@ -229,6 +265,8 @@ def create_parser() -> Tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     group = parser.add_argument_group('Miscellaneous parameters')
     group.add_argument('--seed', type=int, default=42, metavar='S', help='random seed (default: 42)')
     group.add_argument('--log-interval', type=int, default=50, metavar='N', help='batches between log lines')
+    group.add_argument('--no-progress', action='store_true', default=False,
+                       help='no tqdm progress bar (it is shown only when stderr is a terminal)')
     group.add_argument('--recovery-interval', type=int, default=0, metavar='N',
                        help='batches between recovery checkpoints (0: off)')
     group.add_argument('--checkpoint-hist', type=int, default=10, metavar='N', help='checkpoints to keep')
@@ -238,6 +276,10 @@ def create_parser() -> Tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
                        help='root folder of the run folders (default: output/train)')
     group.add_argument('--experiment', default='', type=str, metavar='NAME',
                        help='run folder name under --output (default: date-model-mode)')
+    dr_config.cli_only(group.add_argument(
+        '--overwrite', action='store_true', default=False,
+        help='start over in an existing run folder, deleting what an earlier run wrote there (without it, a '
+             'non-empty run folder is refused unless --resume continues it)'))
     group.add_argument('--eval-metric', default='top1', type=str, metavar='EVAL_METRIC',
                        help='metric picking the best checkpoint (default: top1)')
     group.add_argument('--device', default=None, type=str, help='device (default: cuda if available else cpu)')
@@ -254,6 +296,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> Tuple[argparse.Namespace
     """Parse ``argv`` with YAML defaults from ``--config``; returns (args, resolved args as YAML)."""
     config_parser, parser = create_parser()
     args, args_text = dr_config.parse_args(parser, config_parser, argv)
+    _check_values(parser, args)  # first: these need no torch
     _check_args(parser, args)
     args._parser = parser
     return args, args_text
@@ -310,6 +353,121 @@ def _resolve_sampling(parser: argparse.ArgumentParser, args: argparse.Namespace)
             parser.error(f'class-aware sampling ({flag} {m}) cannot be combined with --reinforced or --kd-teacher')
 
 
+def _check_values(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Values out of range, reported at parse time."""
+    if not 0.0 <= args.bake_omega <= 1.0:
+        parser.error(f'--bake-omega must lie in [0, 1], got {args.bake_omega}')
+    if args.bake_omega == 1.0 and args.bake and not args.bake_one_step:
+        parser.error('--bake-omega 1 makes (I - omega A) singular: add --bake-one-step (the paper\'s form for 1)')
+    if args.bake_temp <= 0:
+        parser.error(f'--bake-temp must be > 0, got {args.bake_temp}')
+    for flag, value, low in (('--epochs', args.epochs, 1), ('-b/--batch-size', args.batch_size, 1),
+                             ('-j/--workers', args.workers, 0), ('--log-interval', args.log_interval, 1)):
+        if value < low:
+            parser.error(f'{flag} must be >= {low}, got {value}')
+
+
+def _check_paths(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Files and folders that are missing or in the way (the run folder), before anything is imported or built.
+
+    ``--resume RUN_DIR`` becomes ``RUN_DIR/last.pth.tar``, and without ``--experiment`` the run continues in the run
+    folder it resumes from.
+    """
+    if not args.dataset and (not args.reinforced or args.val_split):  # an ImageFolder (or tar) at DIR is read
+        if not args.data_dir:
+            parser.error('DIR (the dataset root) is required with --dataset "" (an ImageFolder)')
+        if not os.path.exists(args.data_dir):
+            parser.error(f'DIR {args.data_dir}: no such dataset folder')
+    for flag, path in (('--initial-checkpoint', args.initial_checkpoint), ('--pretrained-path', args.pretrained_path)):
+        if path and not os.path.isfile(path):
+            parser.error(f'{flag} {path}: no such file')
+    if args.resume:
+        args.resume = _resolve_resume(parser, args.resume)
+        folder = os.path.dirname(os.path.abspath(args.resume))
+        if not args.experiment and os.path.isfile(os.path.join(folder, 'args.yaml')):
+            args.output, args.experiment = os.path.split(folder)  # continue in the run folder resumed from
+    if args.experiment:
+        problem = run_folder_problem(os.path.join(args.output, args.experiment), args.resume, args.overwrite)
+        if problem:
+            parser.error(problem)
+
+
+def _resolve_resume(parser: argparse.ArgumentParser, path: str) -> str:
+    """``--resume`` as a file: a run folder gives its ``last.pth.tar``."""
+    if os.path.isdir(path):
+        last = os.path.join(path, 'last.pth.tar')
+        if os.path.isfile(last):
+            return last
+        recovery = sorted(fnmatch.filter(os.listdir(path), 'recovery-*.pth.tar'))
+        hint = f' (recovery checkpoints there: {", ".join(recovery)})' if recovery else ''
+        parser.error(f'--resume {path}: the run folder has no last.pth.tar{hint}')
+    if not os.path.isfile(path):
+        parser.error(f'--resume {path}: no such checkpoint file or run folder')
+    return path
+
+
+def run_folder_problem(folder: str, resume: str = '', overwrite: bool = False) -> Optional[str]:
+    """Why ``folder`` cannot take a new run (None if it can).
+
+    An existing non-empty run folder is only used to continue its run (``--resume`` with a checkpoint inside it) or
+    to start over (``--overwrite``, which clears only what train.py writes and refuses a folder holding other files).
+    """
+    entries = sorted(os.listdir(folder)) if os.path.isdir(folder) else []
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        return f'run folder {folder} exists and is not a folder'
+    resume_inside = bool(resume) and _same_path(os.path.dirname(os.path.abspath(resume)), folder)
+    if overwrite and resume_inside:
+        return (f'--overwrite would delete the checkpoint --resume {resume} continues from; pass one of them '
+                f'(run folder {folder})')
+    if not entries or resume_inside:
+        return None
+    if overwrite:
+        foreign = [e for e in entries if not any(fnmatch.fnmatch(e, p) for p in RUN_FOLDER_FILES)]
+        if foreign:
+            return (f'--overwrite: run folder {folder} holds files train.py did not write ({", ".join(foreign[:5])}'
+                    f'{", ..." if len(foreign) > 5 else ""}); not clearing it: remove them or choose another '
+                    f'--experiment')
+        return None
+    what = 'another run' if 'args.yaml' in entries else f'{len(entries)} entries'
+    cont = f' (--resume {resume} is outside it)' if resume else ''
+    return (f'run folder {folder} exists and holds {what}{cont}: pass --resume {folder} to continue it, --overwrite '
+            f'to start over (deletes its contents), or another --experiment')
+
+
+def _same_path(a: str, b: str) -> bool:
+    return os.path.realpath(a) == os.path.realpath(b)
+
+
+def _clear_run_folder(folder: str) -> None:
+    """Delete what an earlier run wrote in ``folder`` (``--overwrite``; only ``RUN_FOLDER_FILES`` are there)."""
+    for name in os.listdir(folder):
+        path = os.path.join(folder, name)
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path)
+        else:
+            os.remove(path)
+    _logger.info(f'--overwrite: cleared run folder {folder}')
+
+
+def _check_model_and_checkpoints(args: argparse.Namespace) -> None:
+    """After the heavy import, before data and model are built: the model name, and every checkpoint the run will
+    read is loadable (weights_only; tensors are mapped, not read) and holds the model being trained."""
+    name = args.model
+    if ':' not in name and not is_model(name) and not is_model(name.split('.')[0]):
+        close = difflib.get_close_matches(name, list_models(), n=3, cutoff=0.7)
+        hint = f'; did you mean {", ".join(close)}?' if close else ' (timm.list_models() lists the names)'
+        raise ValueError(f'--model {name}: unknown timm model{hint}')
+    for flag, path in (('--resume', args.resume), ('--initial-checkpoint', args.initial_checkpoint),
+                       ('--pretrained-path', args.pretrained_path)):
+        if not path:
+            continue
+        ckpt = load_checkpoint_file(path, mmap=True)
+        stored = getattr(ckpt.get('args'), 'model', None) if isinstance(ckpt, dict) else None
+        if flag == '--resume' and stored and stored != name:
+            raise ValueError(f'--resume {path} holds a {stored} run but --model is {name}')
+        del ckpt
+
+
 def _setup_logging(rank: int) -> None:
     level = logging.INFO if rank == 0 else logging.WARNING
     if logging.getLogger().handlers:  # already configured (e.g. several runs in one process, as the demo does)
@@ -341,6 +499,11 @@ def _output_dir(args: argparse.Namespace) -> str:
         mode = 'bake' if args.bake else 'rd' if args.reinforced else 'kd' if args.kd_teacher else 'plain'
         args.experiment = '-'.join([datetime.now().strftime('%Y%m%d-%H%M%S'), safe_model_name(args.model), mode])
     out = os.path.join(args.output, args.experiment)
+    problem = run_folder_problem(out, args.resume, args.overwrite)  # checked in main(); the folder may have changed
+    if problem:
+        raise ValueError(problem)
+    if args.overwrite and os.path.isdir(out):
+        _clear_run_folder(out)
     os.makedirs(out, exist_ok=True)
     return out
 
@@ -410,18 +573,31 @@ def _infer_num_classes(args: argparse.Namespace, train_ds, val_ds, rd_meta) -> i
 
 
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
-    """Train; returns the final summary (best metric, output dir, last eval metrics)."""
+    """Train; returns the final summary (best metric, output dir, last eval metrics).
+
+    Bad input (flags, config file, run folder, checkpoints, datasets) exits with status 2 and a
+    ``train.py: error: ...`` message naming the flag, file or folder at fault, before anything is written.
+    """
     args, _ = parse_args(argv)
     parser = vars(args).pop('_parser')
-    device = _setup_process(args)
-    rd_meta, train_ds, val_ds = _prepare_data(args)
-    model, data_config = create_train_model(args, device)
-    run = _setup_training(args, model, device, rd_meta)
-    run.train_loader, run.eval_loader = create_train_eval_loaders(args, train_ds, val_ds, data_config, rd_meta, device)
-    _setup_schedule(args, run)
-    if args.rank == 0:
-        _setup_outputs(args, parser, model, run)
-    result = train_epochs(args, run, device)
+    _check_paths(parser, args)
+    _import_training_libraries()
+    try:
+        _check_model_and_checkpoints(args)
+        device = _setup_process(args)
+        rd_meta, train_ds, val_ds = _prepare_data(args)
+        model, data_config = create_train_model(args, device)
+        run = _setup_training(args, model, device, rd_meta)
+        run.train_loader, run.eval_loader = create_train_eval_loaders(args, train_ds, val_ds, data_config, rd_meta,
+                                                                      device)
+        _setup_schedule(args, run)
+        if args.rank == 0:
+            _setup_outputs(args, parser, model, run)
+    except (ValueError, FileNotFoundError) as e:  # bad input found while setting up: no traceback, exit status 2
+        _logger.debug('setup failed', exc_info=True)
+        parser.exit(2, f'{parser.prog}: error: {e}\n')
+    with logging_redirect_tqdm() if show_progress(args) else nullcontext():  # log lines print above the bar
+        result = train_epochs(args, run, device)
     _finish(args, run, result)
     return result
 
@@ -460,6 +636,8 @@ def _setup_process(args: argparse.Namespace) -> torch.device:
 def _prepare_data(args: argparse.Namespace):
     """Reinforced-shard metadata and datasets; fills in ``num_classes`` and the digits image size."""
     rd_meta = None
+    if args.digits_size is None:
+        args.digits_size = dr_data.DIGITS_DEFAULT_SIZE
     if args.reinforced:
         from dr.reinforce.loader import check_reinforced
         rd_meta = check_reinforced(args.reinforced, args.num_classes)
@@ -622,8 +800,11 @@ def _setup_outputs(args: argparse.Namespace, parser: argparse.ArgumentParser, mo
     run.saver = CheckpointSaver(model=model, optimizer=run.optimizer, args=args, amp_scaler=run.loss_scaler,
                                 checkpoint_dir=output_dir, recovery_dir=output_dir,
                                 decreasing='loss' in args.eval_metric, max_history=args.checkpoint_hist, task=run.task)
-    if args.resume and os.path.dirname(os.path.abspath(args.resume)) == os.path.abspath(output_dir):
+    if args.resume and _same_path(os.path.dirname(os.path.abspath(args.resume)), output_dir):
         run.saver.load_state_dict_from_checkpoint(args.resume)
+        removed = truncate_summary(os.path.join(output_dir, 'summary.csv'), run.start_epoch)
+        if removed:
+            _logger.info(f'summary.csv: dropped {removed} row(s) of epoch {run.start_epoch} and later (rerun now)')
     if args.log_wandb:
         from dr.wandb_logger import init_wandb
         init_wandb(output_dir, args.wandb_project, config=vars(args), name=args.experiment,
@@ -653,8 +834,9 @@ def train_epochs(args: argparse.Namespace, run: TrainRun, device: torch.device) 
         if args.rank == 0:
             lrs = [g['lr'] for g in run.optimizer.param_groups]
             utils.update_summary(epoch, train_metrics, eval_metrics or {},
-                                 os.path.join(run.output_dir, 'summary.csv'), lr=sum(lrs) / len(lrs),
-                                 log_wandb=args.log_wandb)
+                                 os.path.join(run.output_dir, 'summary.csv'), lr=sum(lrs) / len(lrs))
+            if args.log_wandb:  # at step=epoch, so the segments of a resumed run line up
+                log_epoch(epoch, train_metrics, eval_metrics, lr=sum(lrs) / len(lrs))
             metric = eval_metrics[args.eval_metric] if eval_metrics else None
             best_metric, best_epoch = run.saver.save_checkpoint(epoch, metric=metric)
         if run.lr_scheduler is not None:
@@ -670,6 +852,9 @@ def _finish(args: argparse.Namespace, run: TrainRun, result: Dict[str, Any]) -> 
             json.dump(result, f, indent=2)
         if result['best_metric'] is not None:
             _logger.info(f'*** Best metric: {result["best_metric"]} (epoch {result["best_epoch"]})')
+        best = (f'best {args.eval_metric} {result["best_metric"]:.4f} (epoch {result["best_epoch"]})'
+                if result['best_metric'] is not None else 'no evaluation')
+        _logger.info(f'Done: {best}; outputs in {run.output_dir}')
         if args.log_wandb:
             import wandb
             wandb.finish()
@@ -704,6 +889,8 @@ def train_one_epoch(
     data_start = time.time()
     batch_time = utils.AverageMeter()
     optimizer.zero_grad()
+    bar = tqdm(total=num_batches, desc=f'Epoch {epoch}', unit='batch', leave=False, dynamic_ncols=True,
+               disable=not show_progress(args))
     for batch_idx, batch in enumerate(loader):
         if len(batch) == 3:  # reinforced data: (input, teacher probabilities, labels)
             input, target = batch[0], (batch[1], batch[2])
@@ -734,6 +921,7 @@ def train_one_epoch(
             if k.startswith('loss') or k.endswith('_loss'):
                 sums[k] = sums.get(k, 0.0) + v.detach().float() * input.shape[0]
         count += input.shape[0]
+        bar.update()
         if not need_update:
             continue
         optimizer.zero_grad()
@@ -749,8 +937,10 @@ def train_one_epoch(
             pct = 100. * (batch_idx + 1) / num_batches
             _logger.info(f'Train: {epoch} [{batch_idx:>4d}/{num_batches} ({pct:>3.0f}%)] {parts} '
                          f'time: {batch_time.avg:.3f}s/update lr: {lr:.3e}')
+            bar.set_postfix_str(f'{parts} lr: {lr:.3e}')  # refreshed with the log line: no per-batch device sync
         if saver is not None and args.recovery_interval and (num_updates % args.recovery_interval == 0):
             saver.save_recovery(epoch, batch_idx=batch_idx)
+    bar.close()
     keys = sorted(sums)
     totals = torch.stack([sums[k] for k in keys] + [torch.tensor(float(count), device=device)]) if keys else None
     if totals is None:
@@ -762,6 +952,11 @@ def train_one_epoch(
     if not all(math.isfinite(v) for v in metrics.values()):
         raise FloatingPointError(f'Non-finite training loss in epoch {epoch}: {dict(metrics)}')
     return metrics
+
+
+def show_progress(args: argparse.Namespace) -> bool:
+    """The tqdm bar: on rank 0, unless --no-progress or stderr is not a terminal (logs, CI, pipes)."""
+    return getattr(args, 'rank', 0) == 0 and not args.no_progress and sys.stderr.isatty()
 
 
 def validate(task: nn.Module, loader: Any, args: argparse.Namespace, amp_autocast: Any,

@@ -2,6 +2,7 @@
 import argparse
 import logging
 import os
+import re
 from typing import Any, Dict, Optional
 
 import torch
@@ -25,14 +26,55 @@ def resolve_checkpoint_path(path: str) -> str:
     return path
 
 
-def load_checkpoint_file(path: str) -> Any:
-    """``torch.load`` with ``weights_only=True`` (argparse.Namespace allowed, as timm stores args)."""
+class CheckpointError(ValueError):
+    """A file that is not a loadable checkpoint (garbage, truncated, or holding objects that would run code)."""
+
+
+def load_checkpoint_file(path: str, mmap: bool = False) -> Any:
+    """``torch.load`` with ``weights_only=True`` (argparse.Namespace allowed, as timm stores args).
+
+    Args:
+        path: a checkpoint file or a training output dir (see ``resolve_checkpoint_path``).
+        mmap: map the tensor data instead of reading it (cheap checks of large checkpoints; zip format only, older
+            files are read in full).
+
+    Raises:
+        CheckpointError: naming the file, when it is not a loadable checkpoint. Torch's advice to retry with
+            ``weights_only=False`` is never passed on: such a file is refused for safety, not loaded.
+    """
     path = resolve_checkpoint_path(path)
     if path.endswith('.safetensors'):
         from safetensors.torch import load_file
         return load_file(path)
-    with torch.serialization.safe_globals([argparse.Namespace]):
-        return torch.load(path, map_location='cpu', weights_only=True)
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            try:
+                return torch.load(path, map_location='cpu', weights_only=True, mmap=mmap)
+            except RuntimeError as e:
+                if not mmap or 'zip' not in str(e):
+                    raise
+                return torch.load(path, map_location='cpu', weights_only=True)  # legacy format cannot be mapped
+    except OSError:
+        raise
+    except Exception as e:  # torch raises UnpicklingError, RuntimeError, EOFError, KeyError, ... for bad content
+        raise CheckpointError(unloadable_checkpoint_message(path, e)) from None
+
+
+def unloadable_checkpoint_message(path: str, error: BaseException) -> str:
+    """What went wrong loading ``path``, without torch's suggestion to retry with ``weights_only=False``."""
+    text = str(error)
+    if text.startswith('Weights only load failed'):
+        lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+        detail = [ln for ln in lines[1:] if not ln.startswith(('Please file an issue', 'Check the documentation'))]
+        reason = re.sub(r'^WeightsUnpickler error:\s*', '', ' '.join(detail)).rstrip('.')
+        reason = reason or 'it holds objects other than tensors and plain containers'
+        return (f'{path} is not a loadable checkpoint ({reason}). It was NOT loaded, for safety: checkpoints are read '
+                f'with weights_only=True, which refuses anything but tensors and plain containers (loading such a '
+                f'file any other way can run code stored in it)')
+    reason = f'{type(error).__name__}: {text}' if text else type(error).__name__
+    if len(reason) > 300:
+        reason = reason[:300] + '...'
+    return f'{path} is not a loadable checkpoint (garbage or truncated: {reason}); it was not loaded'
 
 
 def extract_state_dict(checkpoint: Any, use_ema: bool = False, path: str = '') -> Dict[str, torch.Tensor]:

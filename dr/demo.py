@@ -33,7 +33,8 @@ def _scripts():
 def _train_args(output: str, name: str, model: str, epochs: int, seed: int, extra: Sequence[str]) -> List[str]:
     return ['--dataset', 'digits', '--model', model, '--epochs', str(epochs), '--warmup-epochs', '1',
             '--lr', '0.2', '--weight-decay', '5e-4', '-b', '64', '--workers', '0', '--seed', str(seed),
-            '--log-interval', '1000', '--checkpoint-hist', '1', '--output', output, '--experiment', name, *extra]
+            '--log-interval', '1000', '--checkpoint-hist', '1', '--output', output, '--experiment', name,
+            '--overwrite', *extra]  # a rerun of the demo starts its runs over
 
 
 def _fmt(value: Optional[float], digits: int = 2) -> str:

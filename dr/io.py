@@ -1,12 +1,13 @@
 """Crash-safe file output and run metadata shared by the scripts."""
 import contextlib
+import csv
 import hashlib
 import logging
 import os
 import platform
 import sys
 import tempfile
-from typing import Any, Dict, Iterator
+from typing import Any, Dict, Iterator, Optional
 
 _logger = logging.getLogger(__name__)
 
@@ -48,6 +49,38 @@ def fsync_dir(directory: str) -> None:
             os.fsync(fd)
         finally:
             os.close(fd)
+
+
+def truncate_summary(path: str, first_epoch: int) -> int:
+    """Drop the rows of a per-epoch ``summary.csv`` whose ``epoch`` is ``>= first_epoch`` (rewritten atomically).
+
+    A run killed after writing an epoch's row but before saving its checkpoint repeats that epoch on resume; without
+    this the file would hold the epoch twice. The header is kept even when no row remains.
+
+    Returns:
+        The number of rows removed (0 when the file does not exist).
+    """
+    if not os.path.isfile(path):
+        return 0
+    with open(path, newline='') as f:
+        rows = list(csv.reader(f))
+    if not rows:
+        return 0
+    header, body = rows[0], rows[1:]
+    col = header.index('epoch') if 'epoch' in header else 0
+    keep = [r for r in body if r and _int_or_none(r[col]) is not None and _int_or_none(r[col]) < first_epoch]
+    removed = len(body) - len(keep)
+    if removed:
+        with atomic_write(path, 'w') as f:
+            csv.writer(f).writerows([header] + keep)
+    return removed
+
+
+def _int_or_none(text: str) -> Optional[int]:
+    try:
+        return int(text)
+    except ValueError:
+        return None
 
 
 def sha256_file(path: str, chunk_size: int = 1 << 20) -> str:

@@ -53,3 +53,19 @@ def log_metrics(metrics: Dict[str, Any], step: Optional[int] = None) -> None:
     import wandb
     if wandb.run is not None:
         wandb.log(dict(metrics), step=step)
+
+
+def log_epoch(epoch: int, train_metrics: Dict[str, Any], eval_metrics: Optional[Dict[str, Any]],
+              lr: Optional[float] = None) -> None:
+    """Log one ``summary.csv`` row (``epoch``, ``train_*``, ``eval_*``, ``lr``) at wandb step ``epoch``.
+
+    The step is the epoch itself, not wandb's own counter, so the segments of a resumed run line up: a run resumed
+    at epoch 2 logs its first row at step 2 (wandb ignores, with a warning, a step it has already seen, e.g. an
+    epoch repeated after a kill between its log and its checkpoint).
+    """
+    row: Dict[str, Any] = {'epoch': epoch}
+    row.update((f'train_{k}', v) for k, v in train_metrics.items())
+    row.update((f'eval_{k}', v) for k, v in (eval_metrics or {}).items())
+    if lr is not None:
+        row['lr'] = lr
+    log_metrics(row, step=epoch)

@@ -7,12 +7,13 @@ import numpy as np
 import pytest
 import timm
 import torch
+import yaml
 from PIL import Image
 
 from dr import config as dr_config
-from dr.checkpoint import load_model_weights, resolve_checkpoint_path
+from dr.checkpoint import CheckpointError, load_checkpoint_file, load_model_weights, resolve_checkpoint_path
 from dr.data import DigitsDataset, create_dataset, dataset_classes, dataset_targets, digits_split_indices
-from dr.io import atomic_write
+from dr.io import atomic_write, truncate_summary
 
 
 def test_digits_split_is_fixed_stratified_and_disjoint():
@@ -83,6 +84,101 @@ def test_config_unknown_key_and_roundtrip(tmp_path, capsys):
         dr_config.parse_args(_parser(), argv=['-c', str(cfg)])
 
 
+def _typed_parser():
+    p = argparse.ArgumentParser(prog='prog')
+    p.add_argument('--epochs', type=int, default=10)
+    p.add_argument('--lr', type=float, default=None)
+    p.add_argument('--name', default='x')
+    p.add_argument('--amp-dtype', default='float16', choices=('float16', 'bfloat16'))
+    p.add_argument('--bake', action=argparse.BooleanOptionalAction, default=False)
+    p.add_argument('--amp', action='store_true')
+    p.add_argument('--scale', type=float, nargs=2, default=[0.08, 1.0])
+    p.add_argument('--tags', nargs='+', default=[])
+    p.add_argument('--names', nargs='+', default=None)
+    p.add_argument('--compile', nargs='?', const='inductor', default=None)
+    p.add_argument('-v', '--verbose', action='count', default=0)
+    dr_config.cli_only(p.add_argument('--overwrite', action='store_true'))
+    return p
+
+
+def test_config_values_convert_like_the_command_line(tmp_path):
+    cfg = tmp_path / 'c.yaml'
+    cfg.write_text("epochs: '3'\nlr: 1e-4\nname: 2024\namp-dtype: bfloat16\nbake: false\namp: true\n"
+                   "scale: [0.5, 1]\ntags: solo\ncompile: true\nverbose: 2\n")
+
+    args, text = dr_config.parse_args(_typed_parser(), argv=['-c', str(cfg)])
+    assert (args.epochs, args.lr, args.name, args.amp_dtype) == (3, 1e-4, '2024', 'bfloat16')
+    assert args.bake is False and args.amp is True and args.scale == [0.5, 1.0] and args.tags == ['solo']
+    assert args.compile == 'inductor' and args.verbose == 2 and args.overwrite is False
+    assert 'overwrite' not in yaml.safe_load(text)  # command-line-only flags are not recorded
+    args, _ = dr_config.parse_args(_typed_parser(), argv=['-c', str(cfg), '--epochs', '5', '--no-bake', '--overwrite'])
+    assert args.epochs == 5 and args.overwrite
+    # what args_to_yaml writes for untouched arguments loads again, e.g. `tags: []` (nargs='+', default [])
+    args, text = dr_config.parse_args(_typed_parser(), argv=[])
+    assert yaml.safe_load(text)['tags'] == []
+    again, _ = dr_config.parse_args(_typed_parser(), argv=['-c', dr_config.save_args_yaml(text, str(tmp_path))])
+    assert vars(again) | {'config': ''} == vars(args) | {'config': ''}
+
+
+@pytest.mark.parametrize('text, key, problem', [
+    ('bake: "no"\n', 'bake', "expected true or false, got the string 'no'"),
+    ('amp: 1\n', 'amp', 'expected true or false'),
+    ('amp_dtype: float8\n', 'amp_dtype', "'float8' is not one of the choices"),
+    ('epochs: 1.5\n', 'epochs', 'expected an integer, got the number 1.5'),
+    ('epochs: true\n', 'epochs', 'expected an integer, got the boolean true'),
+    ('epochs: null\n', 'epochs', 'got null'),
+    ('lr: [0.1, 0.2]\n', 'lr', 'expected a number, got a list'),
+    ('name: {a: 1}\n', 'name', 'got a mapping'),
+    ('scale: 0.5\n', 'scale', 'a list of 2 value(s)'),
+    ('scale: [0.5, x]\n', 'scale', "item 2: expected a number, got the string 'x'"),
+    ('names: []\n', 'names', 'one or more values'),
+    ('verbose: -1\n', 'verbose', 'expected a count'),
+    ('overwrite: true\n', 'overwrite', 'command-line-only'),
+    ('epoch: 3\n', 'epoch', 'unknown key; did you mean epochs?'),
+    ('amp-dtype: float16\namp_dtype: float16\n', 'amp_dtype', 'given twice'),
+])
+def test_config_values_refused_with_file_and_key(tmp_path, capsys, text, key, problem):
+    cfg = tmp_path / 'c.yaml'
+    cfg.write_text(text)
+    with pytest.raises(SystemExit) as info:
+        dr_config.parse_args(_typed_parser(), argv=['-c', str(cfg)])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert f'{cfg}: {key}: ' in err and problem in err, err
+
+
+def test_config_reports_every_problem_and_malformed_yaml(tmp_path):
+    cfg = tmp_path / 'c.yaml'
+    cfg.write_text('epochs: 1.5\nbake: "no"\nfoo: 1\n')
+    with pytest.raises(dr_config.ConfigError) as info:
+        dr_config.load_config_defaults(str(cfg), _typed_parser())
+    assert [line.split(': ')[1] for line in str(info.value).splitlines()] == ['epochs', 'bake', 'foo']
+    cfg.write_text('epochs: [1, 2\n')
+    with pytest.raises(dr_config.ConfigError, match=r'c\.yaml:2:1: not valid YAML'):
+        dr_config.load_config_defaults(str(cfg), _typed_parser())
+    with pytest.raises(FileNotFoundError, match='missing.yaml: config file not found'):
+        dr_config.load_config_defaults(str(tmp_path / 'missing.yaml'), _typed_parser())
+
+
+def test_config_flag_listed_in_help():
+    parser = _typed_parser()
+    dr_config.add_config_argument(parser)
+    dr_config.add_config_argument(parser)  # idempotent
+    assert parser.format_help().count('-c FILE, --config FILE') == 1
+
+
+def test_truncate_summary_drops_rerun_epochs(tmp_path):
+    path = tmp_path / 'summary.csv'
+    assert truncate_summary(str(path), 1) == 0  # no file yet
+    path.write_text('epoch,train_loss,lr\r\n0,2.0,0.1\r\n1,1.5,0.1\r\n2,1.2,0.1\r\n2,1.2,0.1\r\n')
+    assert truncate_summary(str(path), 2) == 2
+    assert path.read_bytes() == b'epoch,train_loss,lr\r\n0,2.0,0.1\r\n1,1.5,0.1\r\n'  # as timm writes rows
+    assert truncate_summary(str(path), 2) == 0
+    assert truncate_summary(str(path), 0) == 2
+    assert path.read_bytes() == b'epoch,train_loss,lr\r\n'
+    assert os.listdir(tmp_path) == ['summary.csv']
+
+
 def test_atomic_write_keeps_old_file_on_error(tmp_path):
     path = tmp_path / 'f.txt'
     with atomic_write(str(path), 'w') as f:
@@ -114,5 +210,26 @@ def test_checkpoint_loading_weights_only_and_class_check(tmp_path):
         def __reduce__(self):
             return (os.system, ('echo pwned',))
     torch.save({'state_dict': model.state_dict(), 'x': Evil()}, tmp_path / 'evil.pth')
-    with pytest.raises(pickle.UnpicklingError, match='Weights only load failed'):
+    with pytest.raises(CheckpointError) as info:
         load_model_weights(other, str(tmp_path / 'evil.pth'))
+    msg = str(info.value)
+    assert str(tmp_path / 'evil.pth') in msg and 'not a loadable checkpoint' in msg and 'NOT loaded, for safety' in msg
+    assert 'posix.system' in msg  # what it tried to load
+    assert 'will likely succeed' not in msg and 'set to `False`' not in msg  # torch's unsafe advice is not passed on
+
+
+def test_garbage_checkpoints_are_named_and_refused(tmp_path):
+    good = tmp_path / 'good.pth'
+    torch.save({'a': torch.zeros(1000)}, good)
+    files = {'random.pth': os.urandom(2000), 'empty.pth': b'', 'text.pth': b'hello world\n',
+             'truncated.pth': good.read_bytes()[:2000], 'pickle.pth': pickle.dumps({'a': 1})}
+    for name, blob in files.items():
+        (tmp_path / name).write_bytes(blob)
+        for mmap in (False, True):
+            with pytest.raises(CheckpointError, match='not a loadable checkpoint') as info:
+                load_checkpoint_file(str(tmp_path / name), mmap=mmap)
+            assert str(tmp_path / name) in str(info.value) and 'weights_only` set to `False' not in str(info.value)
+    legacy = tmp_path / 'legacy.pth'
+    torch.save({'a': torch.ones(3)}, legacy, _use_new_zipfile_serialization=False)
+    assert torch.equal(load_checkpoint_file(str(legacy), mmap=True)['a'], torch.ones(3))  # falls back to a full read
+    assert torch.equal(load_checkpoint_file(str(good), mmap=True)['a'], torch.zeros(1000))

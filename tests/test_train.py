@@ -3,6 +3,7 @@ import csv
 import glob
 import json
 import os
+import struct
 import subprocess
 import sys
 
@@ -13,6 +14,7 @@ import yaml
 
 import train
 from dr.checkpoint import load_checkpoint_file
+from tests.helpers import subprocess_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -112,6 +114,121 @@ def test_wandb_offline_run_has_metrics(tmp_path, monkeypatch):
         blob = f.read()
     for metric in (b'train_loss_bake', b'train_loss_ce', b'eval_top1'):
         assert metric in blob
+
+
+def _wandb_history(path):
+    """(step, epoch) of every history record in an offline ``run-ID.wandb`` file (W&B's record-log format:
+    a 7-byte header, then 32 KiB blocks of records framed as crc32 (4) | length (2, LE) | type (1) | data)."""
+    from wandb.proto import wandb_internal_pb2
+    data = open(path, 'rb').read()
+    assert data[:4] == b':W&B'
+    pos, block, out, buf = 7, 32768, [], b''
+    while pos + 7 <= len(data):
+        if block - pos % block < 7:  # block trailer
+            pos += block - pos % block
+            continue
+        _, length, kind = struct.unpack('<IHB', data[pos:pos + 7])
+        if kind == 0 and length == 0:  # zero padding at the end of a block
+            pos += block - pos % block
+            continue
+        buf += data[pos + 7:pos + 7 + length]
+        pos += 7 + length
+        if kind in (1, 4):  # a full record, or the last fragment of one
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(buf)
+            buf = b''
+            if record.WhichOneof('record_type') == 'history':
+                items = {item.key or '/'.join(item.nested_key): json.loads(item.value_json)
+                         for item in record.history.item}
+                out.append((record.history.step.num, items['epoch']))
+    return out
+
+
+@pytest.mark.slow
+def test_resume_drops_repeated_summary_rows_and_wandb_steps_line_up(tmp_path, monkeypatch):
+    monkeypatch.setenv('WANDB_MODE', 'offline')
+    monkeypatch.setenv('WANDB_SILENT', 'true')
+    common = ['-b', '64', '--epochs', '3', '--log-wandb', '--wandb-project', 'dr-test']
+    _run(tmp_path, 'run', *common, '--stop-epoch', '2')
+    run = tmp_path / 'run'
+    summary = run / 'summary.csv'
+    rows = summary.read_text().splitlines()
+    # killed after writing epoch 2's row but before saving its checkpoint: last.pth.tar still holds epoch 1
+    summary.write_text('\n'.join(rows + ['2' + rows[-1][1:]]) + '\n')
+    # a run folder resumes from its last.pth.tar, and the run continues in that folder
+    result = train.main(BASE + [*common, '--resume', str(run)])
+    assert result['output_dir'] == str(run)
+    assert result['best_epoch'] == 2
+    assert [r['epoch'] for r in _read_summary(summary)] == ['0', '1', '2']
+    segments = sorted(glob.glob(str(run / 'wandb' / 'offline-run-*' / '*.wandb')))
+    assert len(segments) == 2
+    assert [_wandb_history(p) for p in segments] == [[(0, 0), (1, 1)], [(2, 2)]]  # step == epoch in both
+
+
+@pytest.mark.slow
+def test_overwrite_starts_over_and_refusal_keeps_the_run(tmp_path, capsys):
+    _run(tmp_path, 'x', '-b', '64', '--epochs', '2', '--checkpoint-hist', '2')
+    run = tmp_path / 'x'
+    before = {name: (run / name).stat().st_mtime_ns for name in os.listdir(run)}
+    assert 'checkpoint-1.pth.tar' in before
+    with pytest.raises(SystemExit) as info:
+        _run(tmp_path, 'x', '-b', '64', '--epochs', '1')
+    assert info.value.code == 2 and str(run) in capsys.readouterr().err
+    assert {name: (run / name).stat().st_mtime_ns for name in os.listdir(run)} == before  # untouched
+    result = _run(tmp_path, 'x', '-b', '64', '--epochs', '1', '--overwrite')
+    assert result['best_epoch'] == 0
+    assert sorted(os.listdir(run)) == ['args.yaml', 'checkpoint-0.pth.tar', 'last.pth.tar', 'model_best.pth.tar',
+                                       'results.json', 'summary.csv', 'versions.json']
+    assert len(_read_summary(run / 'summary.csv')) == 1
+    assert 'overwrite' not in yaml.safe_load((run / 'args.yaml').read_text())  # never replayed from args.yaml
+
+
+@pytest.mark.slow
+def test_progress_bar_on_a_terminal_and_final_summary(tmp_path):
+    """Under a pseudo-terminal the epoch shows a tqdm bar; the last line names the best metric and the folder."""
+    import fcntl
+    import pty
+    import termios
+    cmd = [sys.executable, os.path.join(ROOT, 'train.py'), *BASE, '-b', '64', '--epochs', '1', '--output',
+           str(tmp_path), '--experiment', 'tty']
+    leader, follower = pty.openpty()
+    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack('HHHH', 40, 120, 0, 0))  # a 120-column terminal
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=subprocess_env(), stdout=follower, stderr=follower)
+    os.close(follower)
+    chunks = []
+    while True:
+        try:
+            chunk = os.read(leader, 65536)
+        except OSError:  # EIO: the child closed the terminal
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    os.close(leader)
+    assert proc.wait(timeout=600) == 0
+    out = b''.join(chunks).decode(errors='replace')
+    assert 'Epoch 0:' in out and 'batch/s' in out and '%|' in out, out[-3000:]
+    last = [line for line in out.splitlines() if line.strip()][-1]
+    assert 'Done: best top1' in last and '(epoch 0)' in last and str(tmp_path / 'tty') in last, last
+
+
+def test_progress_bar_only_on_a_terminal_and_without_no_progress(monkeypatch):
+    class Stream:
+        def __init__(self, tty):
+            self.tty = tty
+
+        def isatty(self):
+            return self.tty
+    args, _ = train.parse_args([])
+    monkeypatch.setattr(sys, 'stderr', Stream(True))
+    assert train.show_progress(args)
+    args.no_progress = True
+    assert not train.show_progress(args)
+    args.no_progress, args.rank = False, 1
+    assert not train.show_progress(args)
+    args.rank = 0
+    monkeypatch.setattr(sys, 'stderr', Stream(False))
+    assert not train.show_progress(args)
 
 
 def test_unknown_yaml_key_is_named(tmp_path, capsys):
