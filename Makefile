@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m dr.demo --output output/demo
+	$(PY) -m dr.demo --output output/demo --readme README.md --docs-dir docs
 
 test: $(STAMP)
 	$(PY) -m ruff check .
