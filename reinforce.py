@@ -19,6 +19,7 @@ import sys
 from typing import Optional, Sequence, Tuple
 
 import torch
+import torch.distributed as dist
 
 from dr.config import create_config_parser, save_args_yaml
 from dr.config import parse_args as dr_parse_args
@@ -144,7 +145,6 @@ def parse_args(argv: Optional[Sequence[str]] = None):
 def _init_distributed() -> Tuple[int, int, int]:
     world_size = int(os.environ.get('WORLD_SIZE', '1'))
     if world_size > 1:
-        import torch.distributed as dist
         # gloo only synchronises the ranks (barrier before the merge); teacher work never crosses ranks
         dist.init_process_group('gloo', timeout=datetime.timedelta(hours=48))
         return dist.get_rank(), world_size, int(os.environ.get('LOCAL_RANK', '0'))
@@ -265,7 +265,6 @@ def run_reinforce(args, args_text: str) -> int:
     _logger.info(f'rank {rank}: wrote {result["shards_written"]} shards ({result["images"]} images, '
                  f'{result["images_per_second"]:.2f} img/s), skipped {result["shards_skipped"]} complete shards')
     if world_size > 1:
-        import torch.distributed as dist
         dist.barrier()
     if rank == 0:
         meta = writer.merge(class_names=source.classes)
@@ -273,7 +272,6 @@ def run_reinforce(args, args_text: str) -> int:
               f'{meta["num_samples"]} augmentations each, {meta["bytes_per_augmentation"]:.2f} bytes/augmentation, '
               f'teacher top-1 agreement with labels {meta["teacher_label_agreement"]:.4f}')
     if world_size > 1:
-        import torch.distributed as dist
         dist.destroy_process_group()
     return 0
 

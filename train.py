@@ -31,7 +31,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from dr import config as dr_config
 from dr.io import atomic_write, software_versions, truncate_summary
-from dr.wandb_logger import log_epoch
+from dr.wandb_logger import init_wandb, log_epoch
 
 _logger = logging.getLogger('train')
 
@@ -50,8 +50,9 @@ def _import_training_libraries() -> None:
     global LabelSmoothingCrossEntropy, SoftTargetCrossEntropy, create_model, is_model, list_models, safe_model_name
     global create_optimizer_v2, optimizer_kwargs, create_scheduler_v2, scheduler_kwargs
     global ClassificationTask, evaluation_sample_limit, load_task_ema_checkpoint, resume_task_checkpoint
-    global CheckpointSaver, NativeScaler, dr_data, load_checkpoint_file
+    global CheckpointSaver, NativeScaler, dr_data, load_checkpoint_file, load_model_weights, LogitDistillationTask
     global DeviceLoader, create_train_loader, resolve_input_size, seed_everything_for_epoch
+    global BakeTask, ClassAwareSampler, ReinforcedTask, check_reinforced, create_reinforced_loader, create_teacher
     import torch
     import torch.nn as nn
     from timm import utils
@@ -62,6 +63,7 @@ def _import_training_libraries() -> None:
     from timm.scheduler import create_scheduler_v2, scheduler_kwargs
     from timm.task import (
         ClassificationTask,
+        LogitDistillationTask,
         evaluation_sample_limit,
         load_task_ema_checkpoint,
         resume_task_checkpoint,
@@ -69,8 +71,13 @@ def _import_training_libraries() -> None:
     from timm.utils import CheckpointSaver, NativeScaler
 
     from dr import data as dr_data
-    from dr.checkpoint import load_checkpoint_file
+    from dr.bake.sampler import ClassAwareSampler
+    from dr.bake.task import BakeTask
+    from dr.checkpoint import load_checkpoint_file, load_model_weights
     from dr.loaders import DeviceLoader, create_train_loader, resolve_input_size, seed_everything_for_epoch
+    from dr.reinforce.loader import check_reinforced, create_reinforced_loader
+    from dr.reinforce.task import ReinforcedTask
+    from dr.reinforce.teachers import create_teacher
 
 
 def create_parser() -> Tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
@@ -344,7 +351,7 @@ def _resolve_sampling(parser: argparse.ArgumentParser, args: argparse.Namespace)
                          f'(1 + {flag} {m}) = {images} images; pass one of them')
         args.batch_size = images
     if m > 0:
-        from dr.bake.sampler import check_batch_size
+        from dr.bake.sampler import check_batch_size  # loads torch: only when class-aware sampling is asked for
         try:
             check_batch_size(args.batch_size, m, flag)
         except ValueError as e:
@@ -520,20 +527,16 @@ def create_task(args: argparse.Namespace, model: nn.Module, criterion: nn.Module
                 rd_meta: Optional[Dict[str, Any]] = None) -> nn.Module:
     """The timm training task for the chosen mode (BAKE, reinforced data, online KD or plain)."""
     if args.bake:
-        from dr.bake.task import BakeTask
         return BakeTask(
             model, criterion=criterion, omega=args.bake_omega, temperature=args.bake_temp, weight=args.bake_weight,
             knowledge=args.bake_knowledge, one_step=args.bake_one_step, global_ensemble=args.bake_global,
             num_classes=args.num_classes, device=device, verbose=args.rank == 0, random_walk=args.bake_random_walk,
             shuffle_bn=args.shuffle_bn)
     if args.reinforced:
-        from dr.reinforce.task import ReinforcedTask
         return ReinforcedTask(model, loss=args.rd_loss, gt_weight=args.rd_gt_weight, device=device,
                               verbose=args.rank == 0)
     if args.kd_teacher:
-        from timm.task import LogitDistillationTask
 
-        from dr.reinforce.teachers import create_teacher
         teacher = create_teacher(args.kd_teacher, num_classes=args.num_classes, pretrained=args.pretrained,
                                  img_size=args.kd_teacher_img_size, device=device, flag='--kd-teacher')
         cfg = model.pretrained_cfg
@@ -639,7 +642,6 @@ def _prepare_data(args: argparse.Namespace):
     if args.digits_size is None:
         args.digits_size = dr_data.DIGITS_DEFAULT_SIZE
     if args.reinforced:
-        from dr.reinforce.loader import check_reinforced
         rd_meta = check_reinforced(args.reinforced, args.num_classes)
     train_ds, val_ds = _create_datasets(args)
     if args.num_classes is None:
@@ -662,7 +664,6 @@ def create_train_model(args: argparse.Namespace, device: torch.device) -> Tuple[
     model = create_model(args.model, pretrained=args.pretrained, num_classes=args.num_classes, drop_rate=args.drop,
                          drop_path_rate=args.drop_path, global_pool=args.gp, **model_kwargs)
     if args.initial_checkpoint:
-        from dr.checkpoint import load_model_weights
         load_model_weights(model, args.initial_checkpoint)
     if args.rank == 0:
         _logger.info(f'Model {safe_model_name(args.model)} created, '
@@ -735,7 +736,6 @@ def create_train_eval_loaders(args: argparse.Namespace, train_ds, val_ds, data_c
         mean=data_config['mean'], std=data_config['std'], re_prob=args.reprob, re_mode=args.remode,
         re_count=args.recount)
     if args.reinforced:
-        from dr.reinforce.loader import create_reinforced_loader
         train_loader = create_reinforced_loader(
             args.reinforced, rd_meta, batch_size=args.batch_size, num_workers=args.workers, input_size=input_size,
             mean=data_config['mean'], std=data_config['std'], interpolation=None,  # replay as the teacher saw it
@@ -755,7 +755,6 @@ def create_train_eval_loaders(args: argparse.Namespace, train_ds, val_ds, data_c
     else:
         sampler = None
         if args.sampler_intra > 0:
-            from dr.bake.sampler import ClassAwareSampler
             sampler = ClassAwareSampler(dr_data.dataset_targets(train_ds), num_intra=args.sampler_intra,
                                         num_replicas=args.world_size, rank=args.rank, shuffle=True, seed=args.seed)
         train_loader = DeviceLoader(
@@ -806,7 +805,6 @@ def _setup_outputs(args: argparse.Namespace, parser: argparse.ArgumentParser, mo
         if removed:
             _logger.info(f'summary.csv: dropped {removed} row(s) of epoch {run.start_epoch} and later (rerun now)')
     if args.log_wandb:
-        from dr.wandb_logger import init_wandb
         init_wandb(output_dir, args.wandb_project, config=vars(args), name=args.experiment,
                    tags=args.wandb_tags, run_id=args.wandb_resume_id or None)
     _logger.info(f'Scheduled epochs: {run.num_epochs}, {run.updates_per_epoch} updates per epoch; '

@@ -19,7 +19,7 @@ import statistics
 import sys
 import time
 from contextlib import nullcontext
-from typing import Dict, List, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import timm
@@ -72,32 +72,12 @@ def _stats(times: List[float]) -> Dict[str, float]:
     }
 
 
-def main(argv=None) -> Dict:
-    args = create_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format='%(message)s')
-    check_batch_size(args.batch_size, args.intra)
-    if args.threads > 0:
-        torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
-    torch.manual_seed(args.seed)
-
-    model = timm.create_model(args.model, num_classes=args.num_classes).to(device)
-    if args.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    model.train()
-    plain = ClassificationTask(model, criterion=torch.nn.CrossEntropyLoss(), device=device, verbose=False)
-    bake = BakeTask(model, omega=args.omega, temperature=args.temp, one_step=args.one_step, device=device,
-                    verbose=False)
-    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9, weight_decay=1e-4)
-    amp_dtype = torch.float16 if args.amp_dtype == 'float16' else torch.bfloat16
-    use_scaler = args.amp and device.type == 'cuda' and amp_dtype == torch.float16
-    scaler = torch.amp.GradScaler(device.type) if use_scaler else None
-
-    # class-aware batches: synthetic labels, 8 images per class, groups of 1 + M consecutive indices
+def class_aware_batches(args: argparse.Namespace, device: torch.device,
+                        num_batches: int = 4) -> List[Tuple[torch.Tensor, torch.Tensor]]:
+    """Random images in class-aware batches: synthetic labels, 8 images per class, groups of 1 + M indices."""
     labels = np.repeat(np.arange(args.num_classes), 8)
     sampler = ClassAwareSampler(labels, num_intra=args.intra, num_replicas=1, rank=0, seed=args.seed)
     order = np.array(list(sampler))
-    num_batches = 4
     g = torch.Generator().manual_seed(args.seed)
     batches = []
     for i in range(num_batches):
@@ -106,13 +86,20 @@ def main(argv=None) -> Dict:
         if args.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         batches.append((x, torch.as_tensor(labels[idx], device=device)))
+    return batches
 
-    def step(task, batch) -> Tuple[float, float]:
+
+def create_step(args: argparse.Namespace, device: torch.device, optimizer: torch.optim.Optimizer) -> Callable:
+    """``step(task, batch) -> (wall s, process CPU s)``: forward + loss + backward + optimizer step."""
+    amp_dtype = torch.float16 if args.amp_dtype == 'float16' else torch.bfloat16
+    use_scaler = args.amp and device.type == 'cuda' and amp_dtype == torch.float16
+    scaler = torch.amp.GradScaler(device.type) if use_scaler else None
+
+    def step(task: Callable, batch: Tuple[torch.Tensor, torch.Tensor]) -> Tuple[float, float]:
         x, y = batch
         _sync(device)
         start, start_cpu = time.perf_counter(), time.process_time()
-        ctx = torch.autocast(device.type, dtype=amp_dtype) if args.amp else nullcontext()
-        with ctx:
+        with torch.autocast(device.type, dtype=amp_dtype) if args.amp else nullcontext():
             out = task(x, y)
         optimizer.zero_grad(set_to_none=True)
         if scaler is not None:
@@ -125,25 +112,34 @@ def main(argv=None) -> Dict:
         _sync(device)
         return time.perf_counter() - start, time.process_time() - start_cpu
 
-    times = {'plain': [], 'bake': []}
-    cpu_times = {'plain': [], 'bake': []}
-    total = args.warmup + args.steps
+    return step
+
+
+def time_interleaved(step: Callable, tasks: Dict[str, Callable], batches: List, warmup: int,
+                     steps: int) -> Tuple[Dict[str, List[float]], Dict[str, List[float]]]:
+    """Wall and CPU seconds per step of each task, steps interleaved (A B, B A, ...) on the same batches."""
+    times: Dict[str, List[float]] = {k: [] for k in tasks}
+    cpu_times: Dict[str, List[float]] = {k: [] for k in tasks}
+    names, total = list(tasks), warmup + steps
     for i in range(total):
-        batch = batches[i % num_batches]
-        pair = [('plain', plain), ('bake', bake)] if i % 2 == 0 else [('bake', bake), ('plain', plain)]
-        for name, task in pair:
-            wall, cpu = step(task, batch)
-            if i >= args.warmup:
+        batch = batches[i % len(batches)]
+        for name in (names if i % 2 == 0 else names[::-1]):
+            wall, cpu = step(tasks[name], batch)
+            if i >= warmup:
                 times[name].append(wall)
                 cpu_times[name].append(cpu)
         if (i + 1) % 5 == 0 or i + 1 == total:
-            _logger.info(f'step {i + 1}/{total}: plain {1000 * times["plain"][-1] if times["plain"] else 0:.1f} ms, '
-                         f'bake {1000 * times["bake"][-1] if times["bake"] else 0:.1f} ms')
+            _logger.info(f'step {i + 1}/{total}: ' + ', '.join(
+                f'{k} {1000 * v[-1] if v else 0:.1f} ms' for k, v in times.items()))
+    return times, cpu_times
 
-    # The extra work of a BAKE step on its own (same shapes): targets, then the KL term forward and backward to the
-    # logits. Timed in isolation it is robust to other jobs on the machine, unlike the end-to-end ratios.
+
+def time_extra_work(bake: BakeTask, x: torch.Tensor, args: argparse.Namespace,
+                    device: torch.device) -> Tuple[List[float], List[float]]:
+    """The extra work of a BAKE step on its own (same shapes): targets, then the KL term forward and backward to the
+    logits. Timed in isolation it is robust to other jobs on the machine, unlike the end-to-end ratios."""
     with torch.no_grad():
-        logits, pre = bake.trainable_module(batches[0][0])
+        logits, pre = bake.trainable_module(x)
     logits = logits.detach().float().requires_grad_(True)
     solve_times, extra_times = [], []
     for _ in range(max(10, args.steps)):
@@ -158,15 +154,17 @@ def main(argv=None) -> Dict:
         logits.grad = None
         solve_times.append(mid - start)
         extra_times.append(end - start)
+    return solve_times, extra_times
 
+
+def summarise(args: argparse.Namespace, device: torch.device, times: Dict[str, List[float]],
+              cpu_times: Dict[str, List[float]], solve_times: List[float], extra_times: List[float]) -> Dict:
     plain_s, bake_s = _stats(times['plain']), _stats(times['bake'])
-    pair_ratios = [b / p for b, p in zip(times['bake'], times['plain'])]
     plain_cpu, bake_cpu = _stats(cpu_times['plain']), _stats(cpu_times['bake'])
-    if device.type == 'cuda':
-        device_name = torch.cuda.get_device_name(device)
-    else:
-        device_name = f'cpu ({torch.get_num_threads()} threads)'
-    result = {
+    pair_ratios = [b / p for b, p in zip(times['bake'], times['plain'])]
+    device_name = (torch.cuda.get_device_name(device) if device.type == 'cuda'
+                   else f'cpu ({torch.get_num_threads()} threads)')
+    return {
         'args': vars(args),
         'device': device_name,
         'plain': plain_s,
@@ -185,6 +183,10 @@ def main(argv=None) -> Dict:
         'extra_share_of_plain_step': _stats(extra_times)['median_ms'] / plain_s['median_ms'],
         'versions': software_versions(),
     }
+
+
+def print_result(args: argparse.Namespace, device: torch.device, result: Dict) -> None:
+    plain_s, bake_s = result['plain'], result['bake']
     print(f'\nmodel {args.model}, {args.batch_size} images of {args.img_size}px ({args.batch_size // (1 + args.intra)} '
           f'anchors x {1 + args.intra}), {args.steps} interleaved steps each, {result["device"]}, amp={args.amp}')
     print(f'{"":8s} {"mean ms":>10s} {"median ms":>10s} {"min ms":>10s} {"std ms":>10s}')
@@ -194,13 +196,38 @@ def main(argv=None) -> Dict:
           f'{result["bake_extra_ms"]:.3f} ms (median) = {100 * result["extra_share_of_plain_step"]:.2f}% '
           f'of a plain step')
     if device.type == 'cpu':
-        for name, s in (('plain cpu', plain_cpu), ('bake cpu', bake_cpu)):
+        for name, s in (('plain cpu', result['plain_cpu']), ('bake cpu', result['bake_cpu'])):
             print(f'{name:9s}{s["mean_ms"]:10.2f} {s["median_ms"]:10.2f} {s["min_ms"]:10.2f} {s["std_ms"]:10.2f}'
                   '  (process CPU time)')
     print(f'ratio BAKE/plain wall: median {result["ratio_median"]:.4f}, mean {result["ratio_mean"]:.4f}, '
           f'paired median {result["ratio_paired_median"]:.4f}, min {result["ratio_min"]:.4f}')
     print(f'BAKE overhead: {100 * (result["ratio_paired_median"] - 1):+.2f}% end to end (paired median wall time), '
           f'{100 * result["extra_share_of_plain_step"]:.2f}% from the extra work timed alone')
+
+
+def main(argv: Optional[Sequence[str]] = None) -> Dict:
+    args = create_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format='%(message)s')
+    check_batch_size(args.batch_size, args.intra)
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    torch.manual_seed(args.seed)
+
+    model = timm.create_model(args.model, num_classes=args.num_classes).to(device)
+    if args.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    model.train()
+    plain = ClassificationTask(model, criterion=torch.nn.CrossEntropyLoss(), device=device, verbose=False)
+    bake = BakeTask(model, omega=args.omega, temperature=args.temp, one_step=args.one_step, device=device,
+                    verbose=False)
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9, weight_decay=1e-4)
+    batches = class_aware_batches(args, device)
+    step = create_step(args, device, optimizer)
+    times, cpu_times = time_interleaved(step, {'plain': plain, 'bake': bake}, batches, args.warmup, args.steps)
+    solve_times, extra_times = time_extra_work(bake, batches[0][0], args, device)
+    result = summarise(args, device, times, cpu_times, solve_times, extra_times)
+    print_result(args, device, result)
     if args.output:
         with atomic_write(args.output, 'w') as f:
             json.dump(result, f, indent=2)

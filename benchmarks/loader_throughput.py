@@ -52,6 +52,7 @@ from typing import Any, Dict, Iterable, Iterator, List, Optional, Tuple
 
 import numpy as np
 import torch
+from timm.data import ImageDataset, create_loader
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -365,8 +366,6 @@ def checks_alone(meta: Dict[str, Any], repeats: int = 5) -> float:
 
 def build_timm_loader(folder: str, num_images: int, spec: AugmentSpec, args) -> Tuple[Any, str]:
     """timm's loader over the image folder with the shards' augmentation family; (loader, auto_augment string)."""
-    from timm.data import ImageDataset, create_loader
-
     timm_ds = ImageDataset(folder)
     if len(timm_ds) != num_images:
         raise RuntimeError(f'image folder {folder} holds {len(timm_ds)} images, expected {num_images}')

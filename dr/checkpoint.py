@@ -7,6 +7,7 @@ from typing import Any, Dict, Optional
 
 import torch
 import torch.nn as nn
+from safetensors.torch import load_file as load_safetensors
 
 _logger = logging.getLogger(__name__)
 
@@ -44,8 +45,7 @@ def load_checkpoint_file(path: str, mmap: bool = False) -> Any:
     """
     path = resolve_checkpoint_path(path)
     if path.endswith('.safetensors'):
-        from safetensors.torch import load_file
-        return load_file(path)
+        return load_safetensors(path)
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
             try:

@@ -10,6 +10,8 @@ from typing import Any, List, Optional, Sequence, Tuple
 
 import numpy as np
 from PIL import Image
+from sklearn.datasets import load_digits
+from timm.data import create_dataset as timm_create_dataset
 from torch.utils.data import Dataset
 
 _logger = logging.getLogger(__name__)
@@ -38,7 +40,6 @@ def _train_split(split: str) -> bool:
 def digits_split_indices(seed: int = DIGITS_SPLIT_SEED, val_fraction: float = DIGITS_VAL_FRACTION
                          ) -> Tuple[np.ndarray, np.ndarray]:
     """Stratified split of the 1797 digits: per class, a seeded permutation puts ``val_fraction`` into val."""
-    from sklearn.datasets import load_digits
     labels = load_digits().target
     rng = np.random.default_rng(seed)
     train, val = [], []
@@ -68,7 +69,6 @@ class DigitsDataset(Dataset):
             transform: Optional[Any] = None,
             target_transform: Optional[Any] = None,
     ):
-        from sklearn.datasets import load_digits
         if img_size < 8:
             raise ValueError(f'digits: img_size must be >= 8, got {img_size}')
         data = load_digits()
@@ -135,7 +135,6 @@ def create_dataset(
     """
     if is_digits(name):
         return DigitsDataset(split=split, img_size=digits_size)
-    from timm.data import create_dataset as timm_create_dataset
     if not name and not root:
         raise ValueError('No dataset given: pass --dataset digits, a timm dataset prefix, or a data_dir folder')
     kwargs.setdefault('download', False)

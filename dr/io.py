@@ -2,12 +2,15 @@
 import contextlib
 import csv
 import hashlib
+import importlib.metadata
 import logging
 import os
 import platform
 import sys
 import tempfile
 from typing import Any, Dict, Iterator, Optional
+
+from . import __version__
 
 _logger = logging.getLogger(__name__)
 
@@ -94,24 +97,12 @@ def sha256_file(path: str, chunk_size: int = 1 << 20) -> str:
 
 def software_versions() -> Dict[str, str]:
     """Versions of the packages that determine results, for metadata files."""
-    import numpy
-    import timm
-    import torch
-    import torchvision
-
-    import dr
-
-    versions = {
-        'python': sys.version.split()[0],
-        'platform': platform.platform(),
-        'dr': dr.__version__,
-        'torch': torch.__version__,
-        'torchvision': torchvision.__version__,
-        'timm': timm.__version__,
-        'numpy': numpy.__version__,
-        'cuda': str(torch.version.cuda),
-    }
-    with contextlib.suppress(Exception):
-        import webdataset
-        versions['webdataset'] = getattr(webdataset, '__version__', 'unknown')
+    versions = {'python': sys.version.split()[0], 'platform': platform.platform(), 'dr': __version__}
+    for dist in ('torch', 'torchvision', 'timm', 'numpy', 'webdataset'):
+        try:
+            versions[dist] = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            versions[dist] = 'not installed'
+    torch = sys.modules.get('torch')  # the CUDA build of the torch in use (read without importing it here)
+    versions['cuda'] = str(torch.version.cuda) if torch is not None else 'not imported'
     return versions

@@ -4,6 +4,8 @@ import os
 import secrets
 from typing import Any, Dict, Optional, Sequence
 
+from .io import atomic_write
+
 _logger = logging.getLogger(__name__)
 
 RUN_ID_FILE = 'wandb_run_id.txt'
@@ -26,7 +28,6 @@ def init_wandb(
         import wandb
     except ImportError as e:  # pragma: no cover - wandb is a declared dependency
         raise RuntimeError('--log-wandb needs the wandb package (pip install wandb)') from e
-    from .io import atomic_write
     id_path = os.path.join(output_dir, RUN_ID_FILE)
     if run_id is None and os.path.isfile(id_path):
         with open(id_path) as f:

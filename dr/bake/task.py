@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from timm.models import group_parameters
 from timm.task import TrainingTask
 from timm.utils.model_ema import ModelEmaV3
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 from ..distributed import all_gather_cat, get_rank, get_world_size
 from .shuffle import BatchShuffle, shuffle_batch
@@ -218,7 +219,6 @@ class BakeTask(TrainingTask):
 
     def prepare_distributed(self, device_ids: Optional[list] = None, **ddp_kwargs) -> 'BakeTask':
         """Wrap the :class:`BakeModel` in DistributedDataParallel (``device_ids=None`` on CPU / gloo)."""
-        from torch.nn.parallel import DistributedDataParallel as DDP
         self.trainable_module = DDP(self.trainable_module, device_ids=device_ids, **ddp_kwargs)
         return self
 

@@ -25,6 +25,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from ..data import DigitsDataset
 from .corruptions import (
     DIGITS_C_CORRUPTIONS,
     DIGITS_C_DEFAULT,
@@ -753,7 +754,6 @@ def _image_list(name: str, path: str, samples: List[Tuple[str, int]], skip_bad_i
 
 def _digits_parts(name: str, seed: int, digits_size: int, corruptions: Optional[Sequence[str]],
                   digits_val: Optional[Dataset]) -> List[EvalPart]:
-    from ..data import DigitsDataset
     base = digits_val if digits_val is not None else DigitsDataset('val', img_size=digits_size)
     if name == 'digits':
         return [EvalPart('digits', IndexedDataset(base), [View('digits', attack=True)])]

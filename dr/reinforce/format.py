@@ -31,6 +31,7 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Union
 
 import numpy as np
 import torch
+import webdataset as wds
 import xxhash
 
 _logger = logging.getLogger(__name__)
@@ -262,7 +263,6 @@ def load_meta(dir_or_url: Union[str, Sequence[str]]) -> Dict[str, Any]:
     path = _meta_path(dir_or_url)
     try:
         if '://' in path and not path.startswith('file://'):
-            import webdataset as wds
             with wds.gopen(path) as f:
                 text = f.read().decode('utf-8')
         else:

@@ -10,6 +10,7 @@ import logging
 from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
+from matplotlib.figure import Figure
 
 from ..io import atomic_write
 from .format import meta_image_order
@@ -71,15 +72,12 @@ def _pixels(x: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> np.nd
 def save_png(path: str, shown: Dict[str, Dict[str, Any]], class_names: Optional[Sequence[str]] = None,
              topn: int = 3) -> str:
     """A grid (one row per image, one column per sample) titled with each sample's top-``topn`` teacher classes."""
-    import matplotlib  # plotting only when a PNG is asked for
-    matplotlib.use('Agg')
-    import matplotlib.pyplot as plt
-
     grid: Dict[str, List[str]] = {}
     for key in shown:
         grid.setdefault(key.split('_')[0], []).append(key)
     cols = max(len(keys) for keys in grid.values())
-    fig, axes = plt.subplots(len(grid), cols, figsize=(2.3 * cols, 3.0 * len(grid)), squeeze=False)
+    fig = Figure(figsize=(2.3 * cols, 3.0 * len(grid)))  # no pyplot: no global figure state, no GUI backend
+    axes = fig.subplots(len(grid), cols, squeeze=False)
     for ax in axes.flat:
         ax.axis('off')
 
@@ -95,5 +93,4 @@ def save_png(path: str, shown: Dict[str, Dict[str, Any]], class_names: Optional[
     fig.tight_layout()
     with atomic_write(path) as f:
         fig.savefig(f, format='png', dpi=100)
-    plt.close(fig)
     return path

@@ -8,6 +8,9 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from PIL import Image
+from timm.data.readers.reader_image_folder import ReaderImageFolder
+from timm.data.readers.reader_image_in_tar import ReaderImageInTar
+from timm.data.readers.reader_image_tar import ReaderImageTar
 
 from ..data import create_dataset, dataset_classes, is_digits
 from .format import (
@@ -167,10 +170,6 @@ def create_source(
     Raises:
         ValueError: for streaming-only datasets (``tfds/``) and unusable inputs, naming ``--dataset``.
     """
-    from timm.data.readers.reader_image_folder import ReaderImageFolder
-    from timm.data.readers.reader_image_in_tar import ReaderImageInTar
-    from timm.data.readers.reader_image_tar import ReaderImageTar
-
     if is_digits(name):
         source: ImageSource = DigitsSource(create_dataset(name, split=split, digits_size=digits_size))
     elif name.lower().startswith('wds/'):

@@ -6,6 +6,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.task import TrainingTask
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 _logger = logging.getLogger(__name__)
 
@@ -59,7 +60,6 @@ class ReinforcedTask(TrainingTask):
 
     def prepare_distributed(self, device_ids: Optional[list] = None, **ddp_kwargs) -> 'ReinforcedTask':
         """Wrap the student in DistributedDataParallel."""
-        from torch.nn.parallel import DistributedDataParallel as DDP
         self.trainable_module = DDP(self.trainable_module, device_ids=device_ids, **ddp_kwargs)
         return self
 
