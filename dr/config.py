@@ -164,7 +164,10 @@ def _flag_value(action: argparse.Action, value: Any) -> Any:
     if isinstance(action, argparse.BooleanOptionalAction) or isinstance(action.const, bool):
         if isinstance(value, bool):
             return value
-        raise ValueError(f'expected true or false, got {_kind(value)}')
+        if value is None and action.default is None:  # a --x/--no-x flag whose default None means 'decide for me'
+            return None
+        auto = ', or null (the default: decided at run time)' if action.default is None else ''
+        raise ValueError(f'expected true or false{auto}, got {_kind(value)}')
     if value == action.const or value == action.default:  # store_const
         return value
     raise ValueError(f'expected {action.const!r} (the flag given) or {action.default!r}, got {_kind(value)}')

@@ -91,6 +91,7 @@ def _typed_parser():
     p.add_argument('--name', default='x')
     p.add_argument('--amp-dtype', default='float16', choices=('float16', 'bfloat16'))
     p.add_argument('--bake', action=argparse.BooleanOptionalAction, default=False)
+    p.add_argument('--sync-bn', action=argparse.BooleanOptionalAction, default=None)  # None: decided at run time
     p.add_argument('--amp', action='store_true')
     p.add_argument('--scale', type=float, nargs=2, default=[0.08, 1.0])
     p.add_argument('--tags', nargs='+', default=[])
@@ -115,7 +116,7 @@ def test_config_values_convert_like_the_command_line(tmp_path):
     assert args.epochs == 5 and args.overwrite
     # what args_to_yaml writes for untouched arguments loads again, e.g. `tags: []` (nargs='+', default [])
     args, text = dr_config.parse_args(_typed_parser(), argv=[])
-    assert yaml.safe_load(text)['tags'] == []
+    assert yaml.safe_load(text)['tags'] == [] and yaml.safe_load(text)['sync_bn'] is None
     again, _ = dr_config.parse_args(_typed_parser(), argv=['-c', dr_config.save_args_yaml(text, str(tmp_path))])
     assert vars(again) | {'config': ''} == vars(args) | {'config': ''}
 
@@ -123,6 +124,8 @@ def test_config_values_convert_like_the_command_line(tmp_path):
 @pytest.mark.parametrize('text, key, problem', [
     ('bake: "no"\n', 'bake', "expected true or false, got the string 'no'"),
     ('amp: 1\n', 'amp', 'expected true or false'),
+    ('bake: null\n', 'bake', 'expected true or false, got null'),
+    ('sync_bn: "yes"\n', 'sync_bn', "expected true or false, or null (the default: decided at run time), got the"),
     ('amp_dtype: float8\n', 'amp_dtype', "'float8' is not one of the choices"),
     ('epochs: 1.5\n', 'epochs', 'expected an integer, got the number 1.5'),
     ('epochs: true\n', 'epochs', 'expected an integer, got the boolean true'),

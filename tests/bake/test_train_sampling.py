@@ -15,6 +15,8 @@ from dr.bake.sampler import ClassAwareSampler
 from tests.bake.test_task import _free_port
 from tests.helpers import REPO
 
+train._import_training_libraries()  # train.main() does this once the flags are parsed
+
 BASE = ['--dataset', 'digits', '--model', 'test_resnet', '--workers', '0', '--warmup-epochs', '0', '--lr', '0.2',
         '--log-interval', '1000']
 
