@@ -20,17 +20,6 @@ from tests.reinforce.common import N_IMAGES, N_SAMPLES, SHARD, TOPK
 
 pytestmark = pytest.mark.usefixtures('one_thread')
 
-RECIPES = {
-    'imagenet_plus.yaml': (400, 10, 'rrc+ra_re'),
-    'imagenet_plus_rrc.yaml': (400, 10, 'rrc'),
-    'imagenet_plus_small.yaml': (100, 5, 'rrc+ra_re'),
-    'cifar100_plus.yaml': (800, 10, 'rrc+ra_re'),
-    'flowers102_plus.yaml': (8000, 10, 'rrc+ra_re'),
-    'food101_plus.yaml': (800, 10, 'rrc+ra_re'),
-}
-
-IG_ENSEMBLE = [f'resnext101_32x{w}d.fb_wsl_ig1b_ft_in1k' for w in (8, 16, 32, 48)]
-
 
 def test_compare_topk_tolerance():
     fresh = torch.tensor([0.5, 0.3, 0.15, 0.05])
