@@ -1,5 +1,6 @@
 """Paths and subprocess settings shared by the tests."""
 import os
+import socket
 from typing import Dict, Optional
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -11,6 +12,13 @@ def subprocess_env(extra_path: Optional[str] = None, **overrides: str) -> Dict[s
     env = dict(os.environ, OMP_NUM_THREADS='1', PYTHONPATH=path)
     env.update(overrides)
     return env
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on now (for torchrun's rendezvous; tests may run side by side)."""
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
 
 
 def shared_dir() -> Optional[str]:

@@ -14,7 +14,7 @@ import yaml
 
 import train
 from dr.checkpoint import load_checkpoint_file
-from tests.helpers import subprocess_env
+from tests.helpers import free_port, subprocess_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -85,7 +85,7 @@ def test_resume_continues_bit_for_bit(tmp_path):
 @pytest.mark.slow
 @pytest.mark.distributed
 def test_torchrun_two_process_bake_global(tmp_path):
-    cmd = [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node=2', '--master_port=29511',
+    cmd = [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node=2', f'--master_port={free_port()}',
            os.path.join(ROOT, 'train.py'), *BASE, '--bake', '--bake-global', '-b', '32', '--epochs', '2',
            '--output', str(tmp_path), '--experiment', 'ddp']
     env = dict(os.environ, OMP_NUM_THREADS='1')

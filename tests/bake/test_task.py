@@ -1,7 +1,6 @@
 """BakeModel and BakeTask: plain forward, head modes, soft targets, plain checkpoints/EMA, compile and the
 2-process global ensemble."""
 import os
-import socket
 import subprocess
 import sys
 import textwrap
@@ -14,7 +13,7 @@ from timm.optim import create_optimizer_v2
 
 from dr.bake.targets import bake_loss, bake_targets, random_walk_log_probs
 from dr.bake.task import BakeModel, BakeTask
-from tests.helpers import REPO
+from tests.helpers import REPO, free_port
 
 # --- BakeModel -----------------------------------------------------------------------------------------------
 MODEL_CFGS = {
@@ -234,19 +233,13 @@ def test_compile_keeps_plain_eval_model():
     torch.testing.assert_close(eval_model(x), model(x))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
-        return s.getsockname()[1]
-
-
 def _run_two_process_worker(tmp_path, template: str) -> None:
     """Run a worker script (``template`` formatted with the repo path) under torchrun with 2 CPU processes."""
     script = tmp_path / 'worker.py'
     script.write_text(template.format(repo=REPO))
     env = dict(os.environ, OMP_NUM_THREADS='1', MASTER_ADDR='127.0.0.1')
     cmd = [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node=2', '--nnodes=1',
-           '--master_addr=127.0.0.1', f'--master_port={_free_port()}', str(script), str(tmp_path)]
+           '--master_addr=127.0.0.1', f'--master_port={free_port()}', str(script), str(tmp_path)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 

@@ -12,8 +12,7 @@ import torch
 import train
 from dr import data as dr_data
 from dr.bake.sampler import ClassAwareSampler
-from tests.bake.test_task import _free_port
-from tests.helpers import REPO
+from tests.helpers import REPO, free_port
 
 train._import_training_libraries()  # train.main() does this once the flags are parsed
 
@@ -122,7 +121,7 @@ def test_plain_runs_keep_random_sampling(one_thread):
     ('classaware', ['--no-bake', '--class-aware-intra', '1', '--batch-anchors', '16']),
 ])
 def test_torchrun_two_process_sampling_modes(tmp_path, name, argv):
-    cmd = [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node=2', f'--master_port={_free_port()}',
+    cmd = [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node=2', f'--master_port={free_port()}',
            os.path.join(REPO, 'train.py'), *BASE, *argv, '--epochs', '1', '--output', str(tmp_path),
            '--experiment', name]
     env = dict(os.environ, OMP_NUM_THREADS='1')
