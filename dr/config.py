@@ -27,7 +27,7 @@ class ConfigError(ValueError):
 def create_config_parser() -> argparse.ArgumentParser:
     """The first-stage parser that only looks for ``-c/--config``."""
     parser = argparse.ArgumentParser(description='Config', add_help=False)
-    parser.add_argument('-c', '--config', default='', type=str, metavar='FILE', help=CONFIG_HELP)
+    add_config_argument(parser)
     return parser
 
 
