@@ -35,7 +35,8 @@ from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 
 from dr.data import DigitsDataset
-from dr.evaluate.calibration import bins_from_sums, ece_from_sums, expected_calibration_error
+from dr.evaluate.calibration import expected_calibration_error
+from dr.evaluate.report import draw_reliability
 from dr.io import atomic_write, software_versions
 from dr.reinforce.augment import normalize_uint8
 from dr.reinforce.teachers import create_teacher
@@ -517,28 +518,12 @@ def _accuracy_panel(ax, summary, title: str, groups, metrics, lines: Sequence[Tu
 
 
 def _reliability_panel(ax, bins: Optional[Dict[str, np.ndarray]], title: str, color: str) -> None:
-    """Accuracy per confidence bin against the diagonal, from pooled bin sums."""
-    ax.plot([0, 1], [0, 1], '--', color='gray', linewidth=1)
-    ax.set_xlim(0, 1)
-    ax.set_ylim(0, 1)
-    ax.set_xlabel('top-1 confidence')
-    ax.set_ylabel('accuracy')
+    """validate.py's reliability diagram (gaps outlined) from the seeds' pooled bin sums."""
     if bins is None:
         ax.set_title(f'{title}: no calibration bins', fontsize=10)
         return
-    b = bins_from_sums(bins['count'], bins['conf_sum'], bins['correct_sum'])
-    n = len(b['count'])
-    centers = (b['lower'] + b['upper']) / 2
-    has = b['count'] > 0
-    ax.bar(centers[has], b['accuracy'][has], width=1.0 / n, color=color, edgecolor='black', linewidth=0.5,
-           label='accuracy per bin')
-    ax.plot(b['confidence'][has], b['confidence'][has], 'o', color='black', markersize=3,
-            label='mean confidence per bin')
-    for c, a, k in zip(centers[has], b['accuracy'][has], b['count'][has]):
-        ax.text(c, min(a + 0.02, 0.93), f'{int(k)}', ha='center', fontsize=6, rotation=90)
-    ece = 100 * ece_from_sums(bins['count'], bins['conf_sum'], bins['correct_sum'])
-    ax.set_title(f'reliability, {title} (all seeds pooled): ECE {ece:.2f}%', fontsize=10)
-    ax.legend(loc='upper left', fontsize=7)
+    draw_reliability(ax, None, bins['count'], bins['conf_sum'], bins['correct_sum'],
+                     title=f'reliability, {title} (all seeds pooled)', color=color)
 
 
 def plot_demo(results: Dict[str, Any], path: str) -> str:

@@ -374,11 +374,11 @@ def reliability_diagram_from_sums(
     return path
 
 
-def draw_reliability(ax: Any, ax_hist: Any, count: ArrayLike, conf_sum: ArrayLike, correct_sum: ArrayLike,
-                     title: Optional[str] = None) -> Dict[str, Any]:
-    """Draw a reliability diagram on matplotlib axes: accuracy per bin (filled bars), the gap to the bin's mean
-    confidence as an outline (red, hatched, above the bar: over-confident; green, inside the bar: under-confident),
-    the diagonal, and the share of samples per bin below.
+def draw_reliability(ax: Any, ax_hist: Optional[Any], count: ArrayLike, conf_sum: ArrayLike, correct_sum: ArrayLike,
+                     title: Optional[str] = None, color: str = 'tab:blue') -> Dict[str, Any]:
+    """Draw a reliability diagram on matplotlib axes: accuracy per bin (filled bars in ``color``), the gap to the
+    bin's mean confidence as an outline (red, hatched, above the bar: over-confident; purple, inside the bar:
+    under-confident), the diagonal, and (on ``ax_hist``, unless None) the share of samples per bin.
 
     Returns:
         the bar containers ``accuracy``, ``over`` and ``under`` (for tests and callers that restyle them).
@@ -393,12 +393,12 @@ def draw_reliability(ax: Any, ax_hist: Any, count: ArrayLike, conf_sum: ArrayLik
     acc = np.where(filled, np.nan_to_num(bins['accuracy'], nan=0.0), 0.0)
     conf = np.where(filled, bins['confidence'], 0.0)
     over, under = filled & (conf > acc), filled & (acc > conf)
-    bars = {'accuracy': ax.bar(centers, acc, width=width, edgecolor='black', linewidth=0.5, color='tab:blue',
+    bars = {'accuracy': ax.bar(centers, acc, width=width, edgecolor='black', linewidth=0.5, color=color,
                                label='accuracy')}
     bars['over'] = ax.bar(centers[over], (conf - acc)[over], bottom=acc[over], width=width, fill=False,
                           edgecolor='tab:red', hatch='//', linewidth=1.2, label='over-confident: gap to confidence')
     bars['under'] = ax.bar(centers[under], (acc - conf)[under], bottom=conf[under], width=width, fill=False,
-                           edgecolor='tab:green', linewidth=1.8, label='under-confident: gap to confidence')
+                           edgecolor='tab:purple', linewidth=1.8, label='under-confident: gap to confidence')
     ax.plot([0, 1], [0, 1], '--', color='gray', label='perfect calibration')
     ax.set_xlim(0, 1)
     ax.set_ylim(0, 1)
@@ -407,6 +407,9 @@ def draw_reliability(ax: Any, ax_hist: Any, count: ArrayLike, conf_sum: ArrayLik
     ax.text(0.97, 0.05, f'ECE {100 * ece:.2f}%\nN {int(bins["count"].sum())}', ha='right', va='bottom',
             transform=ax.transAxes, fontsize=9, bbox=dict(facecolor='white', alpha=0.8))
     ax.set_title(title or 'Reliability diagram', fontsize=10)
+    if ax_hist is None:
+        ax.set_xlabel(f'top-1 confidence ({n_bins} bins)')
+        return bars
     ax_hist.bar(centers, bins['count'] / total, width=width, edgecolor='black', color='tab:gray')
     ax_hist.set_xlabel(f'top-1 confidence ({n_bins} bins)')
     ax_hist.set_ylabel('fraction')
