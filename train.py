@@ -400,7 +400,11 @@ def _check_paths(parser: argparse.ArgumentParser, args: argparse.Namespace) -> N
 
 
 def _resolve_resume(parser: argparse.ArgumentParser, path: str) -> str:
-    """``--resume`` as a file: a run folder gives its ``last.pth.tar``."""
+    """``--resume`` as a file: a run folder gives its ``last.pth.tar``.
+
+    Not ``dr.checkpoint.resolve_checkpoint_path``: that prefers ``model_best`` and its module loads torch, while this
+    runs at parse time, before the heavy import.
+    """
     if os.path.isdir(path):
         last = os.path.join(path, 'last.pth.tar')
         if os.path.isfile(last):
@@ -831,10 +835,11 @@ def train_epochs(args: argparse.Namespace, run: TrainRun, device: torch.device) 
                 eval_metrics.update((f'ema_{k}', v) for k, v in ema_metrics.items())
         if args.rank == 0:
             lrs = [g['lr'] for g in run.optimizer.param_groups]
+            lr = sum(lrs) / len(lrs)
             utils.update_summary(epoch, train_metrics, eval_metrics or {},
-                                 os.path.join(run.output_dir, 'summary.csv'), lr=sum(lrs) / len(lrs))
+                                 os.path.join(run.output_dir, 'summary.csv'), lr=lr)
             if args.log_wandb:  # at step=epoch, so the segments of a resumed run line up
-                log_epoch(epoch, train_metrics, eval_metrics, lr=sum(lrs) / len(lrs))
+                log_epoch(epoch, train_metrics, eval_metrics, lr=lr)
             metric = eval_metrics[args.eval_metric] if eval_metrics else None
             best_metric, best_epoch = run.saver.save_checkpoint(epoch, metric=metric)
         if run.lr_scheduler is not None:
