@@ -16,6 +16,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from timm.utils import setup_default_logging
+from timm.utils.distributed import init_distributed_device_so
 
 from ..config import save_args_yaml
 from ..io import software_versions
@@ -93,25 +94,13 @@ def setup_process(args: argparse.Namespace) -> EvalEnv:
 
 
 def _init_device(args: argparse.Namespace) -> Tuple[torch.device, int, int]:
-    world = int(os.environ.get('WORLD_SIZE', '1'))
-    rank = int(os.environ.get('RANK', '0'))
-    local_rank = int(os.environ.get('LOCAL_RANK', '0'))
+    """(device, rank, world size): timm's process-group setup (torchrun or SLURM environment; nccl on CUDA, gloo on
+    CPU), as train.py uses it."""
     device_name = args.device or ('cuda' if torch.cuda.is_available() else 'cpu')
     if device_name.startswith('cuda') and not torch.cuda.is_available():
         raise ValidateError(f'--device {device_name}: CUDA is not available')
-    if world > 1:
-        if device_name.startswith('cuda'):
-            torch.cuda.set_device(local_rank)
-            device = torch.device('cuda', local_rank)
-            backend = 'nccl'
-        else:
-            device = torch.device(device_name)
-            backend = 'gloo'
-        dist.init_process_group(backend=backend)
-        rank, world = dist.get_rank(), dist.get_world_size()
-    else:
-        device = torch.device(device_name)
-    return device, rank, world
+    info = init_distributed_device_so(device=device_name)
+    return torch.device(info['device']), info['global_rank'], info['world_size']
 
 
 # --------------------------------------------------------------------------------------------------------------------
