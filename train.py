@@ -259,6 +259,9 @@ def create_parser() -> Tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     group.add_argument('--rd-p', type=float, default=1.0,
                        help='probability a sample uses a stored reinforcement (else the plain transform)')
     group.add_argument('--rd-shuffle-buffer', type=int, default=1000, help='sample shuffle buffer size')
+    group.add_argument('--rd-pad-last', action='store_true', default=False,
+                       help='pad the last batch of an epoch by wrapping around, so every image is seen every epoch '
+                            '(default: drop the partial batch, as timm\'s training loaders do)')
     group.add_argument('--kd-teacher', type=str, nargs='+', default=None, metavar='NAME[=CKPT]',
                        help='online knowledge distillation from this teacher (ensemble) (Fig. 1 baseline)')
     group.add_argument('--kd-weight', type=float, default=1.0, help='distillation loss weight (default: 1.0)')
@@ -745,7 +748,8 @@ def create_train_eval_loaders(args: argparse.Namespace, train_ds, val_ds, data_c
             mean=data_config['mean'], std=data_config['std'], interpolation=None,  # replay as the teacher saw it
             rd_p=args.rd_p, rd_densify=args.rd_densify, fallback_transform=train_transform,
             num_classes=args.num_classes, seed=args.seed, rank=args.rank, world_size=args.world_size,
-            shuffle_buffer=args.rd_shuffle_buffer, device=device, pin_memory=args.pin_mem)
+            shuffle_buffer=args.rd_shuffle_buffer, device=device, pin_memory=args.pin_mem,
+            drop_last=not args.rd_pad_last)
     elif isinstance(train_ds, torch.utils.data.IterableDataset):
         if args.sampler_intra > 0:
             raise ValueError(f'class-aware sampling (--bake / --class-aware-intra) needs a map-style dataset with '

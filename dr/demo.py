@@ -192,8 +192,7 @@ def train_students(cfg: DemoConfig, runs: str, plan: Dict[str, Dict[str, Any]]) 
                                       batch_size=p['batch_size'], extra=p['extra']))
             seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
             per_epoch = p['images_per_epoch'] * num_images
-            # map-style loaders drop the last partial batch; the reinforced loader pads it (dr.reinforce.loader)
-            steps = -(-per_epoch // p['batch_size']) if method == 'reinforced' else per_epoch // p['batch_size']
+            steps = per_epoch // p['batch_size']  # every training loader drops the last partial batch, as timm's
             out.append({'method': method, 'seed': seed, 'epochs': p['epochs'], 'batch_size': p['batch_size'],
                         'lr': p['lr'], 'steps': p['epochs'] * steps, 'images_seen': p['epochs'] * per_epoch,
                         'seconds': seconds, 'seconds_per_epoch': seconds / p['epochs'],

@@ -5,9 +5,12 @@ Epoch semantics (``create_reinforced_loader``):
 * An epoch is one pass over the reinforced images. The shard order is permuted with a generator seeded from
   (seed, epoch); the images, concatenated in that order, are cut into ``world_size`` equal contiguous ranges (one per
   rank) and each rank's range into per-worker ranges made of whole batches. Every rank therefore runs the same number
-  of full batches, ``len(loader) = ceil(num_images / (world_size * batch_size))``, and every image is used at least
-  once per epoch; the ``world_size * len(loader) * batch_size - num_images`` padding positions wrap around to the
-  start of the epoch order (those few images are seen twice, with a different stored augmentation). Rank and worker
+  of full batches. With ``drop_last`` (train.py's default, as timm's training loaders) that is
+  ``len(loader) = floor(num_images / (world_size * batch_size))``: the images past the last full batch of the epoch
+  order are not used in that epoch (the order changes every epoch). Without it (``--rd-pad-last``),
+  ``len(loader) = ceil(...)`` and every image is used at least once per epoch; the
+  ``world_size * len(loader) * batch_size - num_images`` padding positions wrap around to the start of the epoch
+  order (those few images are seen twice, with a different stored augmentation). Rank and worker
   boundaries may fall inside a shard: the shard is then read by both (the second skips the first part) so no image is
   lost or duplicated; each shard is otherwise streamed once, sequentially.
 * Each worker reads ``mix_shards`` of its shard pieces at once, drawing every next sample from one of them at random
@@ -73,7 +76,10 @@ from .format import (
     load_meta,
     sample_checksum,
 )
+from .image_cache import DEFAULT_MAX_BYTES as DEFAULT_DECODED_CACHE_BYTES
+from .image_cache import DecodedImages
 from .partners import PartnerImages
+from .tar_reader import TarFormatError, iter_tar_members
 from .verify import incomplete_run, meta_problems
 
 _logger = logging.getLogger(__name__)
@@ -290,14 +296,22 @@ def check_reinforced(
 
 
 def tar_members(stream: Any, skip_samples: int = 0) -> Iterator[Tuple[str, bytes]]:
-    """``(name, data)`` of the regular files of a tar stream, in order, read with WebDataset's
-    ``tariterators.tar_file_iterator`` (Python's ``tarfile`` in stream mode); the members of the first
-    ``skip_samples`` samples (WebDataset keys: the basename up to its first dot) are read and dropped; members whose
-    name starts with ``__`` (shard metadata such as the checksum table) are always passed on.
+    """``(name, data)`` of the regular files of a tar stream, in order
+    (:func:`dr.reinforce.tar_reader.iter_tar_members`: header checksums verified, a member cut short is an error); the
+    members of the first ``skip_samples`` samples
+    (WebDataset keys: the basename up to its first dot) are passed over; members whose name starts with ``__`` (shard
+    metadata such as the checksum table) are always passed on.
 
-    ``tarfile``'s stream mode ends the archive quietly at a corrupted header: :class:`_ShardReader` checks every
-    shard's sample count against ``reinforce.json``, and (schema 2) every sample's digest, so that cannot go unnoticed.
+    A shard that ends early (no end-of-archive blocks) ends the stream: :class:`_ShardReader` checks every shard's
+    sample count against ``reinforce.json``, and (schema 2) every sample's digest, so that cannot go unnoticed.
     """
+    return iter_tar_members(stream, skip_samples)
+
+
+def webdataset_tar_members(stream: Any, skip_samples: int = 0) -> Iterator[Tuple[str, bytes]]:
+    """:func:`tar_members` through WebDataset's ``tariterators.tar_file_iterator`` (Python's ``tarfile`` in stream
+    mode): the reader before :mod:`dr.reinforce.tar_reader`, kept as the baseline of
+    ``benchmarks/loader_throughput.py --compare-tar-readers`` and as a cross-check in the tests."""
     key, samples_seen = None, 0
     for member in tar_file_iterator(stream, skip_meta=None):
         name = member['fname']
@@ -346,7 +360,7 @@ class _ShardReader:
                     self.checksums = decode_checksums(data, f'{self.where_flag}: shard {self.url}')
                 elif not name.startswith('__'):
                     yield {'fname': name, 'data': data, '__url__': self.url}
-        except (tarfile.TarError, OSError, EOFError) as e:
+        except (tarfile.TarError, TarFormatError, OSError, EOFError) as e:
             raise self._error(e) from e
 
     def samples(self, start: int, stop: int, count: int, check_count: bool = True) -> Iterator[Dict[str, Any]]:
@@ -478,7 +492,10 @@ class SampleDecoder:
             self._header, self._dtype, self._size = bytes(data[:offset]), records.dtype, len(data)
         return records
 
-    def __call__(self, sample: Dict[str, Any]) -> Tuple[Image.Image, int, np.ndarray]:
+    def __call__(self, sample: Dict[str, Any],
+                 image: Optional[Image.Image] = None) -> Tuple[Image.Image, int, np.ndarray]:
+        """(image, label, records) of a raw sample; ``image``: its image decoded before (not decoded again; the
+        members are still checked)."""
         try:
             image_exts = [k for k in sample if k in IMAGE_EXTS]
             missing = [m for m, ok in (('image', bool(image_exts)), (LABEL_EXT, LABEL_EXT in sample),
@@ -496,7 +513,7 @@ class SampleDecoder:
                 raise ValueError(f'label {label} outside 0..{self.num_classes - 1}')
             records = self.records(sample[RECORDS_EXT], sample)
             try:
-                img = _open_image(sample[image_exts[0]], image_exts[0])
+                img = image if image is not None else _open_image(sample[image_exts[0]], image_exts[0])
             except Exception as e:
                 raise ValueError(f'undecodable image member .{image_exts[0]} ({type(e).__name__}: {e})') from e
         except ReinforcedDataError:
@@ -593,9 +610,12 @@ def sample_draws(seed: int, epoch: int, pass_index: int, key: str, num_records: 
     return (a >> 11) * (1.0 / (1 << 53)), b % num_records, c >> 2
 
 
-def batches_per_rank(num_images: int, world_size: int, batch_size: int) -> int:
-    """``ceil(num_images / (world_size * batch_size))``: full batches each rank runs per epoch."""
-    return max(1, math.ceil(num_images / (world_size * batch_size)))
+def batches_per_rank(num_images: int, world_size: int, batch_size: int, drop_last: bool = False) -> int:
+    """Full batches each rank runs per epoch: ``ceil(num_images / (world_size * batch_size))`` (the last batch padded
+    by wrapping around), or with ``drop_last`` ``floor`` of it as timm's training loaders (the images past the last
+    full batch wait for a later epoch); at least one."""
+    per_step = world_size * batch_size
+    return max(1, num_images // per_step if drop_last else math.ceil(num_images / per_step))
 
 
 def epoch_shard_order(num_shards: int, seed: int, epoch: int) -> np.ndarray:
@@ -612,6 +632,7 @@ def worker_pieces(
         worker: int,
         num_workers: int,
         batch_size: int,
+        drop_last: bool = False,
 ) -> List[Tuple[str, int, int, int, int]]:
     """The shard pieces one (rank, worker) reads in ``epoch``: (url, start, stop, count, pass) in reading order.
 
@@ -622,7 +643,7 @@ def worker_pieces(
     num_images = sum(counts)
     if num_images <= 0:
         return []
-    nb = batches_per_rank(num_images, world_size, batch_size)
+    nb = batches_per_rank(num_images, world_size, batch_size, drop_last)
     order = [i for i in epoch_shard_order(len(shards), seed, epoch) if counts[i] > 0]
     starts = np.cumsum([0] + [counts[i] for i in order]).tolist()
     # worker w runs the rank's batches w, w + K, w + 2K, ... (the DataLoader's round-robin order)
@@ -747,6 +768,8 @@ class ReinforcedShards(torch.utils.data.IterableDataset):
             shuffle_buffer: int,
             mix_shards: int = DEFAULT_MIX_SHARDS,
             where_flag: str = '--reinforced',
+            drop_last: bool = False,
+            decoded_cache_bytes: int = DEFAULT_DECODED_CACHE_BYTES,
     ):
         super().__init__()
         self.shards = list(shards)
@@ -769,6 +792,7 @@ class ReinforcedShards(torch.utils.data.IterableDataset):
         self.shuffle_buffer = int(shuffle_buffer)
         self.mix_shards = int(mix_shards)
         self.where_flag = where_flag
+        self.drop_last = bool(drop_last)
         self.tar_members: Callable = tar_members  # the tar reader (benchmarks/loader_throughput.py swaps it)
         self.integrity_checks = True  # schema-2 checksums and duplicate keys (off: only to measure their cost)
         self._seen: Dict[Tuple[str, int], Optional[str]] = {}  # keys of this worker's epoch
@@ -778,8 +802,11 @@ class ReinforcedShards(torch.utils.data.IterableDataset):
         self._mean_np = np.asarray(self.mean, dtype=np.float32).reshape(-1, 1, 1)
         self._std_np = np.asarray(self.std, dtype=np.float32).reshape(-1, 1, 1)
         self._fill = erase_fill(self.spec, self.mean, self.std).numpy()
-        # +mix: partners are read by dataset position from the local shard files (``dr.reinforce.partners``)
+        # +mix: partners are read by dataset position from the local shard files (``dr.reinforce.partners``); the
+        # images decoded for the stream and for partners are kept by position (``dr.reinforce.image_cache``)
         self._partners = PartnerImages(meta, where_flag) if self.spec.has_mix else None
+        self._decoded = DecodedImages(decoded_cache_bytes) if self.spec.has_mix else None
+        self._shard_starts = dict(zip(self._partners.names, self._partners.starts)) if self._partners else {}
 
     def set_epoch(self, epoch: int) -> None:
         self._epoch.value = int(epoch)
@@ -789,7 +816,7 @@ class ReinforcedShards(torch.utils.data.IterableDataset):
         return int(self._epoch.value)
 
     def __len__(self) -> int:
-        return batches_per_rank(self.num_images, self.world_size, self.batch_size)
+        return batches_per_rank(self.num_images, self.world_size, self.batch_size, self.drop_last)
 
     def _worker(self) -> int:
         info = get_worker_info()
@@ -826,11 +853,13 @@ class ReinforcedShards(torch.utils.data.IterableDataset):
         ``mix_shards`` at a time (:func:`interleave_pieces`), then the seeded shuffle buffer. ``open_piece`` replaces
         the shard reader (``benchmarks/batch_diversity.py`` simulates shards with it)."""
         pieces = worker_pieces(self.shards, self.seed, epoch, self.rank, self.world_size, worker, self.num_workers,
-                               self.batch_size)
+                               self.batch_size, self.drop_last)
         mix_rng = random.Random(derive_seed(self.seed, epoch, self.rank, worker, 0x4D49))
         samples = interleave_pieces(pieces, open_piece or self._open_piece, self.mix_shards, mix_rng)
         self._decoder.checksums = self.integrity_checks and int(self.meta.get('schema_version', 1)) >= 2
         self._seen = {}
+        if self._decoded is not None:  # decoded images are reused within an epoch, not across epochs
+            self._decoded.clear()
         stages: List[Any] = [lambda: samples]
         if self.shuffle_buffer > 1:
             rng = random.Random(derive_seed(self.seed, epoch, self.rank, worker, 0x5B))
@@ -841,8 +870,13 @@ class ReinforcedShards(torch.utils.data.IterableDataset):
         """The partner half of a mixing stored augmentation: (uint8 HxWx3 replay, erase box or None, record)."""
         position = int(record['mix_ref'])
         try:
-            key, ext, data = self._partners.get(position)
-            img = _open_image(data, ext)
+            cached = self._decoded.get(position)
+            if cached is None:
+                key, ext, data = self._partners.get(position)
+                img = _open_image(data, ext)
+                self._decoded.put(position, key, img)
+            else:
+                key, img = cached
         except Exception as e:
             raise ReinforcedDataError(f'{self._decoder.where(sample)}: stored augmentation {index}: cannot read '
                                       f'its partner image {position} ({type(e).__name__}: {e})') from e
@@ -880,7 +914,15 @@ class ReinforcedShards(torch.utils.data.IterableDataset):
     def _process(self, sample: Dict[str, Any]) -> Tuple[Any, ...]:
         """One sample: ('rd', uint8 HxWx3 replay, label, ids, probs, erase box, partner or None) or ('fb', tensor,
         label); the partner of a mixing augmentation is (uint8 replay, erase box, record)."""
-        img, label, records = self._decoder(sample)
+        if self._decoded is None:
+            img, label, records = self._decoder(sample)
+        else:  # +mix: the image may have been decoded as a partner already, and may be one soon
+            start = self._shard_starts.get(_shard_basename(str(sample.get('__url__'))))
+            position = None if start is None else start + int(sample['__index__'])
+            cached = self._decoded.get(position) if position is not None else None
+            img, label, records = self._decoder(sample, image=cached[1] if cached else None)
+            if cached is None and position is not None:
+                self._decoded.put(position, sample['__key__'], img)
         u, index, fallback_seed = sample_draws(self.seed, self.epoch, sample['__pass__'], sample['__key__'],
                                                len(records))
         if u < self.rd_p:
@@ -1023,6 +1065,7 @@ def create_reinforced_loader(
         device: Union[str, torch.device] = 'cpu',
         pin_memory: bool = False,
         where_flag: str = '--reinforced',
+        drop_last: bool = False,
 ) -> ReinforcedLoader:
     """The training loader over reinforced shards (see the module docstring for the epoch semantics).
 
@@ -1048,6 +1091,9 @@ def create_reinforced_loader(
         device: where batches are moved.
         pin_memory: pin host batches (and copy with ``non_blocking``) when ``device`` is CUDA.
         where_flag: the flag named in errors.
+        drop_last: timm's epoch length, ``floor(num_images / (world_size * batch_size))`` full batches (train.py's
+            default); False: ``ceil`` of it, the last batches padded by wrapping around so every image is seen
+            every epoch (``--rd-pad-last``).
     """
     if not 0.0 <= rd_p <= 1.0:
         raise ValueError(f'--rd-p must be in [0, 1], got {rd_p}')
@@ -1070,9 +1116,10 @@ def create_reinforced_loader(
         rd_p=rd_p, rd_densify=rd_densify, fallback_transform=fallback_transform,
         num_classes=int(num_classes if num_classes is not None else meta['num_classes']), seed=seed, rank=rank,
         world_size=world_size, num_workers=num_workers, shuffle_buffer=shuffle_buffer, mix_shards=mix_shards,
-        where_flag=where_flag)
+        where_flag=where_flag, drop_last=drop_last)
     n = dataset.num_images
-    padded = world_size * len(dataset) * batch_size
+    used = world_size * len(dataset) * batch_size
+    rest = f'{used - n} padding samples' if used >= n else f'{n - used} images past the last full batch'
     _logger.info(f'Reinforced data: {n} images in {len(shards)} shards, {len(dataset)} batches of {batch_size} per '
-                 f'rank x {world_size} rank(s) per epoch ({padded - n} padding samples)')
+                 f'rank x {world_size} rank(s) per epoch ({rest})')
     return ReinforcedLoader(dataset, num_workers=num_workers, device=device, pin_memory=pin_memory)

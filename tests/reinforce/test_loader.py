@@ -37,8 +37,10 @@ from dr.reinforce.loader import (
     replay_interpolation,
     resolve_reinforced,
     tar_members,
+    webdataset_tar_members,
     worker_pieces,
 )
+from dr.reinforce.tar_reader import TarFormatError
 from tests.helpers import REPO as ROOT
 
 MEAN = (0.5, 0.5, 0.5)
@@ -215,6 +217,26 @@ def test_loader_pads_uneven_epochs_with_full_batches(tmp_path):
     assert set(counts) == set(range(11)) and sum(counts.values()) == 16
 
 
+def test_loader_drop_last_has_timm_epoch_length(tmp_path):
+    # 11 images, 2 ranks x 4: floor -> 1 full batch per rank (timm's drop_last); ceil (padding) would give 2
+    rd = make_reinforced(str(tmp_path / 'rd'), [6, 5], num_classes=11)
+    meta = check_reinforced(rd['dir'], 11)
+    per_epoch = []
+    for epoch in range(4):
+        labels = []
+        for rank in range(2):
+            loader = _loader(rd['dir'], meta, batch_size=4, rank=rank, world_size=2, drop_last=True)
+            batches = _epoch(loader, epoch)
+            assert len(batches) == len(loader) == 1 and len(batches[0][2]) == 4
+            labels += _labels(batches)
+        assert len(labels) == len(set(labels)) == 8  # no image twice, no padding
+        per_epoch.append(frozenset(labels))
+    assert len(set(per_epoch)) > 1  # the left-out images change with the epoch's order
+    # a dataset smaller than one global batch still gives one full batch per rank (wrapped around)
+    loader = _loader(rd['dir'], meta, batch_size=8, rank=0, world_size=2, drop_last=True)
+    assert len(loader) == 1 and len(_epoch(loader, 0)[0][2]) == 8
+
+
 def test_loader_deterministic_per_seed_and_epoch(rd48):
     meta = check_reinforced(rd48['dir'], None)
     a = _epoch(_loader(rd48['dir'], meta, num_workers=2), 0)
@@ -388,9 +410,11 @@ def test_tampered_records_and_header_raise_naming_shard_and_key(rd48, tmp_path):
     with open(shard, 'r+b') as f:  # garble a tar header (checksum mismatch)
         f.seek(_member_offset(shard, 'img00002.png') - 512 + 100)
         f.write(b'\xff' * 8)
-    # tarfile's stream mode ends the archive at a header whose checksum fails: the sample count catches it
-    with pytest.raises(ReinforcedDataError, match=r'shard \S*000000\.tar ended after 2 samples.*lists 10'):
+    # the tar reader verifies header checksums (tarfile's stream mode would end the archive there quietly)
+    with pytest.raises(ReinforcedDataError, match=r'shard \S*000000\.tar .*header checksum mismatch at byte'):
         _epoch(_loader(bad2, meta), 0)
+    with open(shard, 'rb') as f:  # WebDataset's tarfile reader stops at that header: the sample count catches it
+        assert len({n.split('.')[0] for n, _ in webdataset_tar_members(f) if not n.startswith('__')}) == 2
 
 
 def test_missing_member_raises_naming_key(tmp_path):
@@ -412,13 +436,23 @@ def test_tar_reader_matches_tarfile(tmp_path, fmt):
         tar.addfile(folder)  # a directory entry is skipped
         for name, data in members:
             _add(tar, name, data)
-    with open(path, 'rb') as f:
-        assert list(tar_members(f)) == members
-    with open(path, 'rb') as f:  # the first two samples (keys k0, k1) are passed over
-        assert list(tar_members(f, skip_samples=2)) == members[4:]
+    for reader in (tar_members, webdataset_tar_members):  # this project's reader and WebDataset's agree
+        with open(path, 'rb') as f:
+            assert list(reader(f)) == members
+        with open(path, 'rb') as f:  # the first two samples (keys k0, k1) are passed over
+            assert list(reader(f, skip_samples=2)) == members[4:]
+        with open(path, 'rb') as f:  # the same from a stream that cannot seek
+            assert list(reader(io.BytesIO(f.read()), skip_samples=3)) == members[6:]
     data = open(path, 'rb').read()
     with pytest.raises(tarfile.ReadError):  # 'unexpected end of data' or 'empty header', by format
+        list(webdataset_tar_members(io.BytesIO(data[:len(data) // 2 + 7])))
+    with pytest.raises(TarFormatError, match=r'cut short at byte \d+'):
         list(tar_members(io.BytesIO(data[:len(data) // 2 + 7])))
+    headers = [o for o in range(0, len(data), 512) if data[o + 257:o + 262] == b'ustar']
+    garbled = bytearray(data)
+    garbled[headers[2] + 10] ^= 0x01  # one bit of the third header's name
+    with pytest.raises(TarFormatError, match=rf'header checksum mismatch at byte {headers[2]}'):
+        list(tar_members(io.BytesIO(bytes(garbled))))
 
 
 def _train_py_has_reinforced() -> bool:
