@@ -531,6 +531,12 @@ def test_reinforce_then_train_student_learns(tmp_path):
     top1_key = next(k for k in rows[-1] if k.endswith('top1'))
     top1 = float(rows[-1][top1_key])
     assert top1 > 50.0, f'student top-1 {top1} after 2 epochs on reinforced digits (chance is 10)'
+    log = res.stdout + res.stderr
+    assert '22 updates per epoch' in log  # timm's epoch: floor(1438 / 64) full batches, as plain training
+    res = _run(['train.py', '--dataset', 'digits', '--digits-size', '16', '--img-size', '16', '--model', 'test_resnet',
+                '--reinforced', rd_dir, '--epochs', '1', '-b', '64', '-j', '0', '--rd-pad-last', '--val-split', '',
+                '--output', out, '--experiment', 'padded'])
+    assert '23 updates per epoch' in res.stdout + res.stderr  # ceil: every image every epoch, padded by wrapping
 
 
 def test_interleave_pieces_mixes_open_pieces_and_keeps_each_order():
