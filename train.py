@@ -1176,7 +1176,8 @@ def train_epochs(args: argparse.Namespace, run: TrainRun, device: torch.device) 
                 ema_metrics = validate(run.task, run.eval_loader, args, run.amp_autocast, ema=True)
                 eval_metrics.update((f'ema_{k}', v) for k, v in ema_metrics.items())
         elif run.eval_loader is not None:  # --val-interval: the summary keeps its columns, without values
-            keys = list(eval_metrics) if eval_metrics else _eval_keys(run.task.has_ema() and not args.model_ema_force_cpu)
+            ema = run.task.has_ema() and not args.model_ema_force_cpu
+            keys = list(eval_metrics) if eval_metrics else _eval_keys(ema)
             eval_metrics = OrderedDict((k, float('nan')) for k in keys)
         if args.rank == 0:
             lrs = [g['lr'] for g in run.optimizer.param_groups]

@@ -195,7 +195,8 @@ def test_recipe_parses_with_its_script(path):
     script = _script(path)
     with open(os.path.join(REPO, path)) as f:
         raw = yaml.safe_load(f)
-    root = ['/data/root'] if script is train and raw.get('dataset') == '' and not raw.get('data_dir') else []  # an ImageFolder recipe reads DIR
+    image_folder = script is train and raw.get('dataset') == '' and not raw.get('data_dir')
+    root = ['/data/root'] if image_folder else []  # an ImageFolder recipe reads DIR
     args, args_text = script.parse_args(['--config', os.path.join(REPO, path), *root])
     for key, value in raw.items():
         if key == 'batch_size' and script is train and raw.get('batch_anchors'):
