@@ -18,6 +18,7 @@ import json
 import sys
 from typing import Any, Dict, List, Optional
 
+
 def _literal(node: ast.AST) -> Any:
     """A literal value (numbers, strings, lists, dicts, None, simple arithmetic such as ``3. / 4.``)."""
     try:
