@@ -480,13 +480,13 @@ def _resolve_data_root(parser: argparse.ArgumentParser, args: argparse.Namespace
 
 def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """Flag combinations that cannot work, reported before any work starts."""
-    _resolve_sampling(parser, args)
-    _check_timm_args(parser, args)
-    if args.kd_model_name and args.kd_teacher:
+    if args.kd_model_name and args.kd_teacher and args.kd_teacher != [args.kd_model_name]:
         parser.error('--kd-model-name and --kd-teacher both name the teacher; pass one (--kd-teacher takes several '
                      'for an ensemble)')
     if args.kd_model_name:
         args.kd_teacher = [args.kd_model_name]
+    _resolve_sampling(parser, args)
+    _check_timm_args(parser, args)
     if args.bake and (args.reinforced or args.kd_teacher):
         parser.error('--bake cannot be combined with --reinforced or --kd-teacher')
     if (args.shuffle_bn or args.bake_random_walk) and not args.bake:
@@ -949,8 +949,6 @@ def create_train_model(args: argparse.Namespace, device: torch.device) -> Tuple[
         model_kwargs['in_chans'] = args.in_chans
     if args.pretrained_path:
         model_kwargs['pretrained_cfg_overlay'] = dict(file=args.pretrained_path, num_classes=-1)
-    if args.kd_distill_type == 'token':
-        model_kwargs.setdefault('distilled', True)  # DeiT's distillation token/head (timm *_distilled_* models)
     drop_path = args.drop_path if args.drop_path is not None else args.drop_connect  # timm: deprecated alias
     # None values (model defaults) are dropped by timm's create_model, as in timm's train.py
     model = create_model(args.model, pretrained=args.pretrained, num_classes=args.num_classes, drop_rate=args.drop,
