@@ -48,6 +48,7 @@ def _import_training_libraries() -> None:
     checked: ``--help`` and flag errors answer at once. Binds the module-level names the training code uses.
     """
     global torch, torchvision, nn, utils, Mixup, create_loader, create_transform, resolve_data_config, AugMixDataset
+    global create_naflex_loader, NaFlexMixup
     global LabelSmoothingCrossEntropy, SoftTargetCrossEntropy, BinaryCrossEntropy, JsdCrossEntropy
     global create_model, is_model, list_models, safe_model_name, RepeatAugSampler, convert_splitbn_model, set_fast_norm
     global FeatureDistillationTask, TokenDistillationTask
@@ -60,7 +61,15 @@ def _import_training_libraries() -> None:
     import torch.nn as nn
     import torchvision.utils
     from timm import utils
-    from timm.data import AugMixDataset, Mixup, create_loader, create_transform, resolve_data_config
+    from timm.data import (
+        AugMixDataset,
+        Mixup,
+        NaFlexMixup,
+        create_loader,
+        create_naflex_loader,
+        create_transform,
+        resolve_data_config,
+    )
     from timm.data.distributed_sampler import RepeatAugSampler
     from timm.layers import convert_splitbn_model, set_fast_norm
     from timm.loss import BinaryCrossEntropy, JsdCrossEntropy, LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
@@ -572,6 +581,8 @@ def _check_timm_args(parser: argparse.ArgumentParser, args: argparse.Namespace) 
                      f'{len(args.kd_teacher)} (an ensemble has no single feature space)')
     if args.kd_distill_type != 'logit' and not args.kd_teacher:
         parser.error(f'--kd-distill-type {args.kd_distill_type} needs a teacher: --kd-model-name or --kd-teacher')
+    if args.naflex_loss_scale not in ('none', 'sqrt', 'linear'):
+        parser.error(f'--naflex-loss-scale {args.naflex_loss_scale!r}: expected none, sqrt or linear')
     if args.model_ema_force_cpu and not args.model_ema:
         parser.error('--model-ema-force-cpu is an option of --model-ema: add --model-ema')
 
@@ -841,8 +852,9 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         rd_meta, train_ds, val_ds = _prepare_data(args)
         model, data_config = create_train_model(args, device)
         run = _setup_training(args, model, device, rd_meta)
-        run.train_loader, run.eval_loader = create_train_eval_loaders(args, train_ds, val_ds, data_config, rd_meta,
-                                                                      device)
+        run.train_loader, run.eval_loader = create_train_eval_loaders(
+            args, train_ds, val_ds, data_config, rd_meta, device, model_patch_size=_naflex_patch_size(model),
+            naflex_mixup=run.naflex_mixup)
         _setup_schedule(args, run)
         if args.rank == 0:
             _setup_outputs(args, parser, model, run)
@@ -863,6 +875,7 @@ class TrainRun:
     amp_autocast: Any
     loss_scaler: Optional[NativeScaler] = None
     mixup_fn: Optional[Mixup] = None
+    naflex_mixup: Any = None
     resume_epoch: Optional[int] = None
     train_loader: Any = None
     eval_loader: Any = None
@@ -1031,7 +1044,11 @@ def _setup_training(args: argparse.Namespace, model: nn.Module, device: torch.de
     if args.distributed:
         ddp = dict(broadcast_buffers=False) if args.no_ddp_bb else {}
         task.prepare_distributed(device_ids=[device.index] if device.type == 'cuda' else None, **ddp)
-    if mixup_active:
+    if mixup_active and args.naflex_loader:  # timm: mixing variable-size batches happens inside the NaFlex loader
+        run.naflex_mixup = NaFlexMixup(num_classes=args.num_classes, mixup_alpha=args.mixup, cutmix_alpha=args.cutmix,
+                                       switch_prob=args.mixup_switch_prob, prob=args.mixup_prob,
+                                       label_smoothing=args.smoothing, mixup_off_epoch=args.mixup_off_epoch)
+    elif mixup_active:
         run.mixup_fn = Mixup(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, cutmix_minmax=args.cutmix_minmax,
                              prob=args.mixup_prob, switch_prob=args.mixup_switch_prob, mode=args.mixup_mode,
                              label_smoothing=args.smoothing, num_classes=args.num_classes)
@@ -1039,7 +1056,9 @@ def _setup_training(args: argparse.Namespace, model: nn.Module, device: torch.de
 
 
 def create_train_eval_loaders(args: argparse.Namespace, train_ds, val_ds, data_config: Dict[str, Any],
-                              rd_meta: Optional[Dict[str, Any]], device: torch.device) -> Tuple[Any, Any]:
+                              rd_meta: Optional[Dict[str, Any]], device: torch.device,
+                              model_patch_size: Optional[Tuple[int, int]] = None,
+                              naflex_mixup: Any = None) -> Tuple[Any, Any]:
     """The training loader (reinforced shards, a streaming timm loader, or a map-style loader with the class-aware
     sampler under BAKE / --class-aware-intra) and the evaluation loader (None without a validation split)."""
     input_size = resolve_input_size(data_config)
@@ -1064,6 +1083,13 @@ def create_train_eval_loaders(args: argparse.Namespace, train_ds, val_ds, data_c
             rd_p=args.rd_p, rd_densify=args.rd_densify, fallback_transform=train_transform,
             num_classes=args.num_classes, seed=args.seed, rank=args.rank, world_size=args.world_size,
             shuffle_buffer=args.rd_shuffle_buffer, device=device, pin_memory=args.pin_mem)
+    elif args.naflex_loader:
+        train_loader = create_naflex_loader(train_ds, **_naflex_kwargs(args, model_patch_size), is_training=True,
+                                            train_seq_lens=args.naflex_train_seq_lens, re_split=args.resplit,
+                                            mixup_fn=naflex_mixup,
+                                            use_prefetcher=True, rank=args.rank, world_size=args.world_size,
+                                            seed=args.seed, **aug,
+                                            **{k: v for k, v in timm_loader.items() if k != 'use_multi_epochs_loader'})
     elif isinstance(train_ds, torch.utils.data.IterableDataset):
         if args.sampler_intra > 0:
             raise ValueError(f'class-aware sampling (--bake / --class-aware-intra) needs a map-style dataset with '
@@ -1096,13 +1122,40 @@ def create_train_eval_loaders(args: argparse.Namespace, train_ds, val_ds, data_c
             device, channels_last=args.channels_last)
 
     eval_loader = None
-    if val_ds is not None:
+    if val_ds is not None and args.naflex_loader:
+        eval_loader = create_naflex_loader(
+            val_ds, **_naflex_kwargs(args, model_patch_size, eval_batch=True), is_training=False,
+            interpolation=data_config['interpolation'], mean=data_config['mean'], std=data_config['std'],
+            crop_pct=data_config['crop_pct'], num_workers=args.workers, distributed=args.distributed,
+            rank=args.rank, world_size=args.world_size, pin_memory=args.pin_mem, device=device, use_prefetcher=True)
+    elif val_ds is not None:
         eval_loader = create_loader(
             val_ds, input_size=input_size, batch_size=args.validation_batch_size or args.batch_size,
             is_training=False, interpolation=data_config['interpolation'], mean=data_config['mean'],
             std=data_config['std'], num_workers=args.workers, distributed=args.distributed,
             crop_pct=data_config['crop_pct'], pin_memory=args.pin_mem, device=device, use_prefetcher=use_prefetcher)
     return train_loader, eval_loader
+
+
+def _naflex_kwargs(args: argparse.Namespace, model_patch_size: Optional[Tuple[int, int]],
+                   eval_batch: bool = False) -> Dict[str, Any]:
+    """timm's NaFlex loader: the model's patch size, or --naflex-patch-sizes for variable patch sizes."""
+    kwargs: Dict[str, Any] = dict(max_seq_len=args.naflex_max_seq_len,
+                                  batch_size=(args.validation_batch_size or args.batch_size) if eval_batch
+                                  else args.batch_size)
+    if args.naflex_patch_sizes and not eval_batch:
+        kwargs.update(patch_size_choices=args.naflex_patch_sizes, patch_size_choice_probs=args.naflex_patch_size_probs)
+    else:
+        if model_patch_size is None:
+            raise ValueError(f'--naflex-loader needs a NaFlex model (timm naflexvit_*); --model {args.model} has no '
+                             f'patch embedding with a patch size')
+        kwargs['patch_size'] = model_patch_size
+    return kwargs
+
+
+def _naflex_patch_size(model: nn.Module) -> Optional[Tuple[int, int]]:
+    get = getattr(model, 'get_patch_size', None)
+    return tuple(get()) if callable(get) else None
 
 
 def _aug_repeats(args: argparse.Namespace) -> int:
@@ -1251,8 +1304,13 @@ def train_one_epoch(
             input, target = batch[0], batch[1]
             if mixup_fn is not None:
                 input, target = mixup_fn(input, target)
+        naflex = isinstance(input, dict)  # timm's NaFlex batches: patches, coordinates, validity
         if model_dtype is not None:
-            input = input.to(dtype=model_dtype)
+            if naflex:
+                input = dict(input, patches=input['patches'].to(dtype=model_dtype))
+            else:
+                input = input.to(dtype=model_dtype)
+        num_images = (target[-1] if isinstance(target, tuple) else target).shape[0]
         last_batch = batch_idx == num_batches - 1
         need_update = last_batch or (batch_idx + 1) % accum == 0
         update_accum = accum if batch_idx < last_batch_idx_to_accum else last_accum_steps
@@ -1262,6 +1320,9 @@ def train_one_epoch(
             with amp_autocast():
                 out = task(input, target)
             loss = out['loss'] / update_accum
+            if naflex and args.naflex_loss_scale != 'none':  # NaFlex batches vary in size: weight by images
+                ratio = num_images / args.batch_size
+                loss = loss * (ratio if args.naflex_loss_scale == 'linear' else ratio ** 0.5)
             if loss_scaler is not None:
                 loss_scaler(loss, optimizer, clip_grad=args.clip_grad, clip_mode=args.clip_mode,
                             parameters=task.get_clip_parameters(), need_update=need_update)
@@ -1274,10 +1335,10 @@ def train_one_epoch(
                     optimizer.step()
         for k, v in out.items():
             if k.startswith('loss') or k.endswith('_loss'):
-                sums[k] = sums.get(k, 0.0) + v.detach().float() * input.shape[0]
-        count += input.shape[0]
+                sums[k] = sums.get(k, 0.0) + v.detach().float() * num_images
+        count += num_images
         bar.update()
-        if args.save_images and saver is not None and batch_idx == 0:  # timm: a grid of the batch, for debugging
+        if args.save_images and saver is not None and batch_idx == 0 and not naflex:  # timm: the batch, for debugging
             torchvision.utils.save_image(input.float(), os.path.join(saver.checkpoint_dir, f'train-batch-{epoch}.jpg'),
                                          padding=0, normalize=True)
         if not need_update:
@@ -1327,9 +1388,14 @@ def validate(task: nn.Module, loader: Any, args: argparse.Namespace, amp_autocas
     evaluator = task.create_evaluator(max_samples=evaluation_sample_limit(loader))
     with torch.inference_mode():
         for input, target in loader:
-            input = input.to(task.device, dtype=_model_dtype(args))
             target = target.to(task.device)
-            if args.channels_last:
+            if isinstance(input, dict):  # NaFlex
+                input = {k: v.to(task.device) if torch.is_tensor(v) else v for k, v in input.items()}
+                if _model_dtype(args) is not None:
+                    input['patches'] = input['patches'].to(_model_dtype(args))
+            else:
+                input = input.to(task.device, dtype=_model_dtype(args))
+            if args.channels_last and not isinstance(input, dict):
                 input = input.contiguous(memory_format=torch.channels_last)
             with amp_autocast():
                 output = model(input)

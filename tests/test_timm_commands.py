@@ -73,3 +73,13 @@ def test_augmix_command(tmp_path, folder):
     argv = [folder, '--model', 'test_resnet', '--img-size', '32', '--aa', 'augmix-m5-w4-d2', '--aug-splits', '3',
             '--jsd-loss', '--split-bn', '--reprob', '0.4', '--remode', 'pixel', '--resplit', '--lr', '0.05']
     _run(tmp_path, 'augmix', argv)
+
+
+@pytest.mark.slow
+def test_naflex_command(tmp_path, folder):
+    # timm's NaFlex ViT training (variable sequence lengths, mixup inside the loader), sizes reduced: a one-block
+    # NaFlex ViT, sequence lengths 4 and 16 patches of 16 px
+    argv = [folder, '--model', 'naflexvit_base_patch16_gap', '--model-kwargs', 'embed_dim=32', 'depth=1',
+            'num_heads=2', '--naflex-loader', '--naflex-train-seq-lens', '4', '16', '--naflex-max-seq-len', '16',
+            '--mixup', '0.8', '--cutmix', '1.0', '--opt', 'adamw', '--lr', '1e-3']
+    _run(tmp_path, 'naflex', argv)
