@@ -1220,6 +1220,8 @@ def train_epochs(args: argparse.Namespace, run: TrainRun, device: torch.device) 
                                         run.updates_per_epoch)
         if args.distributed and args.dist_bn in ('broadcast', 'reduce'):  # timm: equal BN statistics on all ranks
             utils.distribute_bn(run.task.get_eval_model(), args.world_size, args.dist_bn == 'reduce')
+            if run.task.has_ema() and not args.model_ema_force_cpu:  # as timm: the EMA's statistics too
+                utils.distribute_bn(run.task.get_eval_model(ema=True), args.world_size, args.dist_bn == 'reduce')
         evaluate = (epoch + 1) % args.val_interval == 0 or epoch + 1 == run.num_epochs
         if run.eval_loader is not None and evaluate:
             eval_metrics = validate(run.task, run.eval_loader, args, run.amp_autocast)
