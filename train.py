@@ -55,7 +55,7 @@ def _import_training_libraries() -> None:
     global create_optimizer_v2, optimizer_kwargs, create_scheduler_v2, scheduler_kwargs
     global ClassificationTask, evaluation_sample_limit, load_task_ema_checkpoint, resume_task_checkpoint
     global CheckpointSaver, NativeScaler, dr_data, load_checkpoint_file, load_model_weights, LogitDistillationTask
-    global DeviceLoader, create_train_loader, resolve_input_size, seed_everything_for_epoch
+    global DeviceLoader, set_loader_epoch, create_train_loader, resolve_input_size, seed_everything_for_epoch
     global BakeTask, ClassAwareSampler, ReinforcedTask, check_reinforced, create_reinforced_loader, create_teacher
     import torch
     import torch.nn as nn
@@ -91,7 +91,13 @@ def _import_training_libraries() -> None:
     from dr.bake.sampler import ClassAwareSampler
     from dr.bake.task import BakeTask
     from dr.checkpoint import load_checkpoint_file, load_model_weights
-    from dr.loaders import DeviceLoader, create_train_loader, resolve_input_size, seed_everything_for_epoch
+    from dr.loaders import (
+        DeviceLoader,
+        create_train_loader,
+        resolve_input_size,
+        seed_everything_for_epoch,
+        set_loader_epoch,
+    )
     from dr.reinforce.loader import check_reinforced, create_reinforced_loader
     from dr.reinforce.task import ReinforcedTask
     from dr.reinforce.teachers import create_teacher
@@ -317,6 +323,22 @@ def create_parser() -> Tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     group.add_argument('--mixup-off-epoch', default=0, type=int, metavar='N', help='turn off mixup after epoch N')
     group.add_argument('--smoothing', type=float, default=0.1, help='label smoothing (default: 0.1)')
     group.add_argument('--train-interpolation', type=str, default='random', help='training interpolation')
+    group.add_argument('--train-img-sizes', type=int, nargs='+', default=None, metavar='N',
+                       help='scheduled resolution (progressive resizing): per-batch training image sizes, drawn by '
+                            "timm's ScheduledBatchSampler (default: off, --img-size)")
+    group.add_argument('--train-batch-sizes', type=int, nargs='+', default=None, metavar='N',
+                       help='batch size of each --train-img-sizes choice (default: -b for all)')
+    group.add_argument('--train-size-weights', type=float, nargs='+', default=None,
+                       help='sampling weight of each --train-img-sizes choice (default: uniform)')
+    group.add_argument('--train-size-schedule', type=str, default='constant', choices=('constant', 'progressive'),
+                       help='constant: every epoch draws the sizes by weight; progressive: moves from the first '
+                            'size to the last over --train-size-schedule-epochs (default: constant)')
+    group.add_argument('--train-size-schedule-epochs', type=int, default=None, metavar='N',
+                       help='epochs over which a progressive schedule moves through the sizes (default: --epochs)')
+    group.add_argument('--train-size-schedule-spread', type=float, default=0.65,
+                       help='progressive schedule window std-dev, in choice-index units (default: 0.65)')
+    group.add_argument('--train-size-schedule-random-mix', type=float, default=0.1,
+                       help='progressive schedule: fraction of uniform random choices (default: 0.1)')
 
     group = parser.add_argument_group('Batch norm parameters')
     group.add_argument('--bn-momentum', type=float, default=None, help='BatchNorm momentum override (if not None)')
@@ -573,6 +595,10 @@ def _check_timm_args(parser: argparse.ArgumentParser, args: argparse.Namespace) 
     if args.jsd_loss and (args.bake or args.kd_teacher):
         parser.error('--jsd-loss cannot be combined with --bake or --kd-teacher/--kd-model-name: their tasks have '
                      'their own loss on the batch')
+    if args.train_img_sizes and (args.sampler_intra > 0 or args.aug_repeats or args.aug_splits or args.reinforced
+                                 or args.naflex_loader):
+        parser.error('--train-img-sizes cannot be combined with class-aware sampling, --aug-repeats, --aug-splits, '
+                     '--reinforced or --naflex-loader: timm\'s ScheduledBatchSampler draws the batches itself')
     if args.naflex_loader and (args.sampler_intra > 0 or args.aug_repeats or args.aug_splits):
         parser.error('--naflex-loader cannot be combined with class-aware sampling, --aug-repeats or --aug-splits: '
                      'the NaFlex loader batches variable-length patch sequences with its own sampler')
@@ -1100,6 +1126,18 @@ def create_train_eval_loaders(args: argparse.Namespace, train_ds, val_ds, data_c
         train_loader = create_loader(
             train_ds, input_size=input_size, batch_size=args.batch_size, is_training=True, re_split=args.resplit,
             num_aug_splits=args.aug_splits, use_prefetcher=use_prefetcher, **aug, **timm_loader)
+    elif args.train_img_sizes:
+        # scheduled resolution (progressive resizing): timm's ScheduledBatchSampler picks each batch's size
+        loader = create_loader(
+            train_ds, input_size=input_size, batch_size=args.batch_size, is_training=True, re_split=args.resplit,
+            use_prefetcher=use_prefetcher, input_size_choices=args.train_img_sizes,
+            batch_size_choices=args.train_batch_sizes, batch_choice_weights=args.train_size_weights,
+            batch_choice_seed=args.seed, batch_choice_schedule=args.train_size_schedule,
+            batch_schedule_epochs=args.train_size_schedule_epochs or (
+                args.epochs if args.train_size_schedule == 'progressive' else None),
+            batch_schedule_spread=args.train_size_schedule_spread,
+            batch_schedule_random_mix=args.train_size_schedule_random_mix, **aug, **timm_loader)
+        train_loader = loader if use_prefetcher else DeviceLoader(loader, device, channels_last=args.channels_last)
     elif args.aug_splits:
         # AugMix splits: timm's AugMixDataset and loader; its fast collate lays the splits out as JsdCrossEntropy
         # expects (the prefetcher also normalises on the CPU)
@@ -1209,10 +1247,7 @@ def train_epochs(args: argparse.Namespace, run: TrainRun, device: torch.device) 
     stop_epoch = run.num_epochs if args.stop_epoch is None else min(run.num_epochs, args.stop_epoch)
     for epoch in range(run.start_epoch, stop_epoch):
         seed_everything_for_epoch(args.seed, epoch, args.rank)
-        if hasattr(run.train_loader, 'set_epoch'):
-            run.train_loader.set_epoch(epoch)
-        elif hasattr(getattr(run.train_loader, 'sampler', None), 'set_epoch'):  # timm's loaders
-            run.train_loader.sampler.set_epoch(epoch)
+        set_loader_epoch(run.train_loader, epoch)
         if run.mixup_fn is not None and args.mixup_off_epoch and epoch >= args.mixup_off_epoch:
             run.mixup_fn.mixup_enabled = False
         train_metrics = train_one_epoch(epoch, run.task, run.train_loader, run.optimizer, args, device,

@@ -284,3 +284,39 @@ def test_validate_real_labels(tmp_path):
     # images 1, 2, 4 accept either class; images 5, 6 one class each
     assert row['top1'] >= 60.0 and row['top1'] in (60.0, 80.0, 100.0)
     assert timm  # (the model is timm's test_resnet)
+
+
+# --- scheduled resolution (progressive resizing) ----------------------------------------------------------------
+
+def _epoch_shapes(argv, epochs):
+    args = _args(*argv)
+    args.world_size, args.rank, args.distributed = 1, 0, False
+    _, train_ds, _ = train._prepare_data(args)
+    model, data_config = train.create_train_model(args, torch.device('cpu'))
+    loader, _ = train.create_train_eval_loaders(args, train_ds, None, data_config, None, torch.device('cpu'))
+    shapes = []
+    for epoch in epochs:
+        train.set_loader_epoch(loader, epoch)
+        shapes.append([tuple(x.shape) for x, _ in loader])
+    return shapes, len(loader)
+
+
+def test_train_img_sizes_draw_each_batch_size_as_timm_schedules_it():
+    sizes = ['--train-img-sizes', '16', '24', '32', '--train-batch-sizes', '64', '32', '16']
+    (shapes,), n = _epoch_shapes(sizes, [0])
+    assert {s[2] for s in shapes} == {16, 24, 32} and len(shapes) == n
+    assert all((s[0], s[2]) in ((64, 16), (32, 24), (16, 32)) for s in shapes)  # each size with its batch
+    assert sum(s[0] for s in shapes) <= 1438
+    first, last = _epoch_shapes([*sizes, '--train-size-schedule', 'progressive', '--train-size-schedule-epochs', '4',
+                                 '--train-size-schedule-random-mix', '0', '--epochs', '4'], [0, 3])[0]
+    mean = [sum(s[2] for s in e) / len(e) for e in (first, last)]
+    assert mean[0] < 20 < 28 < mean[1]  # progressive: from the first size towards the last
+
+
+@pytest.mark.slow
+def test_progressive_resizing_run(tmp_path):
+    result = train.main([*DIGITS, '-b', '32', '--epochs', '2', '--train-img-sizes', '16', '32', '--train-batch-sizes',
+                         '64', '16', '--train-size-schedule', 'progressive', '--output', str(tmp_path),
+                         '--experiment', 'prog'])
+    with open(os.path.join(result['output_dir'], 'summary.csv')) as f:
+        assert len(list(csv.DictReader(f))) == 2
