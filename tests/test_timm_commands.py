@@ -83,3 +83,14 @@ def test_naflex_command(tmp_path, folder):
             'num_heads=2', '--naflex-loader', '--naflex-train-seq-lens', '4', '16', '--naflex-max-seq-len', '16',
             '--mixup', '0.8', '--cutmix', '1.0', '--opt', 'adamw', '--lr', '1e-3']
     _run(tmp_path, 'naflex', argv)
+
+
+@pytest.mark.slow
+def test_feature_distillation_command(tmp_path, folder, teacher):
+    # timm's feature distillation (pooled features, a learned projection), sizes reduced
+    result = _run(tmp_path, 'feature', [folder, '--model', 'test_resnet', '--img-size', '32', '--kd-model-name',
+                                        teacher, '--kd-distill-type', 'feature', '--distill-loss-weight', '0.5',
+                                        '--task-loss-weight', '1.0', '--lr', '0.05'])
+    row = _summary(result['output_dir'])[0]
+    assert float(row['train_loss']) == pytest.approx(float(row['train_task_loss']) + 0.5 * float(row['train_kd_loss']),
+                                                     rel=1e-4)
