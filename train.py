@@ -990,10 +990,14 @@ def create_train_model(args: argparse.Namespace, device: torch.device) -> Tuple[
         model_kwargs['pretrained_cfg_overlay'] = dict(file=args.pretrained_path, num_classes=-1)
     drop_path = args.drop_path if args.drop_path is not None else args.drop_connect  # timm: deprecated alias
     # None values (model defaults) are dropped by timm's create_model, as in timm's train.py
-    model = create_model(args.model, pretrained=args.pretrained, num_classes=args.num_classes, drop_rate=args.drop,
-                         drop_path_rate=drop_path, drop_block_rate=args.drop_block, global_pool=args.gp,
-                         bn_momentum=args.bn_momentum, bn_eps=args.bn_eps, scriptable=args.torchscript or None,
-                         **model_kwargs)
+    try:
+        model = create_model(args.model, pretrained=args.pretrained, num_classes=args.num_classes,
+                             drop_rate=args.drop, drop_path_rate=drop_path, drop_block_rate=args.drop_block,
+                             global_pool=args.gp, bn_momentum=args.bn_momentum, bn_eps=args.bn_eps,
+                             scriptable=args.torchscript or None, **model_kwargs)
+    except TypeError as e:  # a model kwarg this architecture does not take (as in timm, e.g. --bn-momentum)
+        raise ValueError(f'--model {args.model} does not take an argument it was given ({e}); --drop-block, '
+                         f'--bn-momentum, --bn-eps and --model-kwargs apply only to models that accept them') from None
     if args.initial_checkpoint:
         load_model_weights(model, args.initial_checkpoint)
     if args.head_init_scale is not None or args.head_init_bias is not None:

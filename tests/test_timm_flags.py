@@ -18,6 +18,7 @@ from timm.scheduler import CosineLRScheduler, StepLRScheduler
 
 import train
 import validate
+from dr.checkpoint import load_checkpoint_file
 from tests.helpers import REPO, free_port, subprocess_env
 
 train._import_training_libraries()  # train.main() does this once the flags are parsed
@@ -320,3 +321,40 @@ def test_progressive_resizing_run(tmp_path):
                          '--experiment', 'prog'])
     with open(os.path.join(result['output_dir'], 'summary.csv')) as f:
         assert len(list(csv.DictReader(f))) == 2
+
+
+def test_validate_valid_labels_restrict_the_logits(tmp_path, capsys):
+    root = tmp_path / 'val'
+    for i in range(6):
+        d = root / f'c{i % 2}'
+        d.mkdir(parents=True, exist_ok=True)
+        Image.new('RGB', (16, 16), (40 * i, 0, 0)).save(d / f'{i}.png')
+    (tmp_path / 'valid.txt').write_text('3\n7\n')
+    common = [str(root), '--model', 'test_resnet', '--img-size', '16', '--workers', '0', '--no-progress',
+              '--valid-labels', str(tmp_path / 'valid.txt')]
+    with pytest.raises(SystemExit) as e:
+        validate.main(common)
+    assert e.value.code == 2 and '--valid-labels needs --num-classes' in capsys.readouterr().err
+    torch.manual_seed(0)
+    model = timm.create_model('test_resnet', num_classes=10).eval()
+    ckpt = tmp_path / 'ten.pth.tar'
+    torch.save({'state_dict': model.state_dict(), 'arch': 'test_resnet'}, ckpt)
+    out = validate.main([*common, '--num-classes', '10', '--checkpoint', str(ckpt), '--crop-pct', '1.0',
+                         '--interpolation', 'bilinear', '--mean', '0.5', '0.5', '0.5', '--std', '0.5', '0.5', '0.5'])
+    row = out['sets']['folder']
+    # reference: the 10-class model's logits of classes 3 and 7 decide (images are exactly 16 px: no resize)
+    hits = 0
+    for i in range(6):
+        img = torch.tensor(list(Image.open(root / f'c{i % 2}' / f'{i}.png').getdata()), dtype=torch.float32)
+        x = (img.view(16, 16, 3).permute(2, 0, 1)[None] / 255 - 0.5) / 0.5
+        with torch.no_grad():
+            hits += int(model(x)[0, [3, 7]].argmax()) == i % 2
+    assert row['count'] == 6 and row['top1'] == pytest.approx(100.0 * hits / 6)
+
+
+@pytest.mark.slow
+def test_model_dtype_trains_in_bfloat16(tmp_path):
+    result = train.main([*DIGITS, '-b', '64', '--epochs', '1', '--model-dtype', 'bfloat16', '--output', str(tmp_path),
+                         '--experiment', 'bf16'])
+    state = load_checkpoint_file(os.path.join(result['output_dir'], 'last.pth.tar'))['state_dict']
+    assert state['fc.weight'].dtype == torch.bfloat16 and result['last_eval']['top1'] >= 0
