@@ -4,8 +4,8 @@
 Writes self-contained WebDataset shards: every image's original bytes, its label and, per image, ``--num-samples``
 stored augmentations (explicit parameters) with the teacher ensemble's top-``--topk`` probabilities.
 
-    python reinforce.py --dataset digits --teacher resnet18=teacher.pth.tar --num-samples 50 --output out/rd
-    torchrun --nproc_per_node=8 reinforce.py /imagenet --dataset '' -c hparams/dr/reinforce/imagenet_plus.yaml
+    python reinforce.py --teacher resnet18=teacher.pth.tar --num-samples 50 --output out/rd   # the embedded digits
+    torchrun --nproc_per_node=8 reinforce.py /imagenet -c hparams/dr/reinforce/imagenet_plus.yaml
     python reinforce.py --verify out/rd [--teacher resnet18=teacher.pth.tar --verify-samples 32]
     python reinforce.py --stats out/rd
     python reinforce.py --import-ml-dr imagenet_plus_randaug.tar.gz --data-dir /imagenet/training --output out/inp
@@ -21,7 +21,7 @@ from typing import Optional, Sequence, Tuple
 import torch
 import torch.distributed as dist
 
-from dr.config import create_config_parser, save_args_yaml
+from dr.config import create_config_parser, resolve_dataset_name, save_args_yaml
 from dr.config import parse_args as dr_parse_args
 from dr.reinforce.augment import create_augment_spec
 from dr.reinforce.format import AUG_NAMES, AUG_RRC_RA_RE, load_meta
@@ -42,9 +42,11 @@ def create_parser() -> Tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
 
     group = parser.add_argument_group('Dataset')
     group.add_argument('data_dir', nargs='?', default=None, metavar='DIR',
-                       help='dataset root (image folder, wds shard dir, torch/ root); unused for digits')
-    group.add_argument('--dataset', default='digits', metavar='NAME',
-                       help="'digits', a timm prefix (wds/NAME, torch/NAME, hfds/NAME) or '' for a folder")
+                       help='dataset root (image folder, wds shard dir, torch/ root), read as timm reads it; '
+                            'without DIR the embedded digits are reinforced')
+    group.add_argument('--dataset', default='', metavar='NAME',
+                       help="'' for an image folder at DIR (the default), a timm prefix (wds/NAME, torch/NAME, "
+                            "hfds/NAME), or 'digits' (embedded; the default without DIR)")
     group.add_argument('--split', default='train', metavar='NAME', help='dataset split (default: train)')
     group.add_argument('--digits-size', type=int, default=32, metavar='N', help='digits image side (default: 32)')
     group.add_argument('--max-images', type=int, default=0, metavar='N',
@@ -224,6 +226,7 @@ def run_reinforce(args, args_text: str) -> int:
         raise ValueError('--teacher is required (one or more timm model names, optionally name=checkpoint)')
     if args.seed < 0:
         raise ValueError(f'--seed must be >= 0, got {args.seed}')
+    args.dataset = resolve_dataset_name(args.dataset, args.data_dir)
     source = create_source(args.dataset, root=args.data_dir, split=args.split, digits_size=args.digits_size,
                            max_images=args.max_images)
     num_classes = args.num_classes or (len(source.classes) if source.classes else None)

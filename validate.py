@@ -22,7 +22,7 @@ import logging
 import sys
 from typing import Any, Dict, Optional, Sequence, Tuple
 
-from dr.config import create_config_parser
+from dr.config import ParseKwargs, create_config_parser
 from dr.config import parse_args as _parse_config_args
 
 _logger = logging.getLogger('validate')
@@ -52,12 +52,30 @@ def create_parser() -> Tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
         formatter_class=HelpFormatter)
 
     group = parser.add_argument_group('Data')
-    group.add_argument('data_dir', nargs='?', default=None, metavar='DIR',
-                       help='ImageFolder root (or timm dataset root with --dataset) for a generic set')
+    group.add_argument('data', nargs='?', default=None, metavar='DIR',
+                       help='ImageFolder root (or timm dataset root with --dataset) for a generic set (as --data-dir)')
+    group.add_argument('--data-dir', default=None, metavar='DIR', help='the dataset root (timm\'s name of DIR)')
     group.add_argument('--dataset', default='', metavar='NAME',
                        help="'digits' (embedded val split), a timm dataset prefix (torch/..., hfds/...) used with "
                             "DIR, or empty for an ImageFolder DIR")
     group.add_argument('--split', default='validation', metavar='NAME', help='split of a timm --dataset')
+    group.add_argument('--num-samples', default=None, type=int, metavar='N',
+                       help='number of samples in the split (timm datasets that need it)')
+    group.add_argument('--dataset-download', action='store_true', default=False,
+                       help='allow download of torch/ and tfds/ datasets that support it')
+    group.add_argument('--class-map', default='', type=str, metavar='FILENAME',
+                       help='class to index mapping file (read through timm\'s dataset)')
+    group.add_argument('--input-key', default=None, type=str, help='dataset key for input images (hfds/, wds/)')
+    group.add_argument('--input-img-mode', default=None, type=str, help='dataset image conversion mode')
+    group.add_argument('--target-key', default=None, type=str, help='dataset key for target labels (hfds/, wds/)')
+    group.add_argument('--dataset-trust-remote-code', action='store_true', default=False,
+                       help='allow Hugging Face dataset import to execute code from the dataset repository')
+    group.add_argument('--real-labels', default='', type=str, metavar='FILENAME',
+                       help='ReaL labels JSON (timm RealLabelsImagenet format) for the generic set DIR: adds an '
+                            'imagenet-real row (the ImageNet set of --suite uses timm\'s bundled file)')
+    group.add_argument('--valid-labels', default='', type=str, metavar='FILENAME',
+                       help='text file of valid class indices (one per line): the logits are restricted to them, '
+                            'for a dataset covering part of the model\'s label space')
     group.add_argument('--suite', default=None, metavar='ROOT',
                        help='root holding the ImageNet-family sets under their documented folder names; without '
                             '--sets every set found is evaluated and missing ones are listed; a set named in --sets '
@@ -93,8 +111,20 @@ def create_parser() -> Tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     group.add_argument('--pretrained', action='store_true', help="timm pretrained weights (no --checkpoint)")
     group.add_argument('--num-classes', type=int, default=None, metavar='N',
                        help='classifier size (default: what the sets need, 10 for digits, 1000 for ImageNet)')
-    group.add_argument('--model-kwargs', nargs='*', default=None, metavar='KEY=VALUE',
+    group.add_argument('--model-kwargs', nargs='*', default={}, action=ParseKwargs, metavar='KEY=VALUE',
                        help='extra timm.create_model kwargs, e.g. drop_rate=0.0')
+    group.add_argument('--in-chans', type=int, default=None, metavar='N', help='image input channels')
+    group.add_argument('--gp', default=None, type=str, metavar='POOL', help='global pool type override')
+    group.add_argument('--use-train-size', action='store_true', default=False,
+                       help='use the train input size even where the pretrained cfg has a test size')
+    group.add_argument('--crop-border-pixels', type=int, default=None, help='crop pixels from the image border')
+    group.add_argument('--test-pool', action='store_true', help="timm's test-time pooling (apply_test_time_pool)")
+    group.add_argument('--reparam', action='store_true', default=False,
+                       help='reparameterize the model (timm reparameterize_model) before evaluating')
+    group.add_argument('--model-dtype', default=None, type=str,
+                       help='model dtype without AMP: float32, float16 or bfloat16 (default: float32)')
+    group.add_argument('--fuser', default='', type=str, help="select jit fuser: '', 'te', 'old' or 'nvfuser'")
+    group.add_argument('--fast-norm', action='store_true', default=False, help="timm's experimental fast-norm")
     group.add_argument('--img-size', type=int, default=None, metavar='N', help='input image size')
     group.add_argument('--input-size', type=int, nargs=3, default=None, metavar=('C', 'H', 'W'),
                        help='input size (overrides --img-size)')
@@ -110,8 +140,29 @@ def create_parser() -> Tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     group.add_argument('--amp', action='store_true', help='mixed precision forward passes')
     group.add_argument('--amp-dtype', default='float16', choices=('float16', 'bfloat16'), help='AMP dtype')
     group.add_argument('--channels-last', action='store_true', help='channels-last memory layout')
-    group.add_argument('--torchcompile', nargs='?', const='inductor', default=None, metavar='BACKEND',
-                       help='torch.compile the model (default backend inductor)')
+    scripting = group.add_mutually_exclusive_group()
+    scripting.add_argument('--torchscript', action='store_true', default=False, help='torch.jit.script the model')
+    scripting.add_argument('--torchcompile', nargs='?', type=str, const='inductor', default=None, metavar='BACKEND',
+                           help='torch.compile the model (default backend inductor)')
+    scripting.add_argument('--aot-autograd', action='store_true', default=False,
+                           help="functorch's memory-efficient fusion (AOT autograd)")
+    group.add_argument('--torchcompile-mode', type=str, default=None, help='torch.compile mode')
+    group.add_argument('--amp-impl', default='native', type=str, choices=('native',),
+                       help='AMP implementation: native (torch.autocast)')
+    group.add_argument('--num-gpu', type=int, default=1, help='GPUs of this process (nn.DataParallel when > 1)')
+    group.add_argument('--no-prefetcher', action='store_true', default=False,
+                       help="timm's prefetcher flag; this loader has none (it yields uint8 tensors that the model "
+                            'normalises), so it changes nothing')
+    group.add_argument('--tf-preprocessing', action='store_true', default=False,
+                       help="timm's TensorFlow preprocessing (needs TensorFlow): rejected, see docs/validate.md")
+    group.add_argument('--retry', action='store_true', default=False,
+                       help='on CUDA out-of-memory, halve the batch size and retry the pass')
+    group.add_argument('--log-freq', default=10, type=int, metavar='N',
+                       help='batches between progress log lines when no progress bar is shown')
+    group.add_argument('--naflex-loader', action='store_true', default=False,
+                       help="timm's NaFlex loader: rejected, see docs/validate.md")
+    group.add_argument('--naflex-max-seq-len', type=int, default=576,
+                       help='NaFlex maximum sequence length (with --naflex-loader)')
     group.add_argument('--device', default=None, metavar='DEV', help="'cuda' or 'cpu' (default: cuda if available)")
     group.add_argument('--seed', type=int, default=42, metavar='S', help='seed (digits-C noise, AutoAttack)')
     group.add_argument('--n-bins', type=int, default=15, metavar='N', help='calibration bins (ECE/MCE/diagrams)')
@@ -148,7 +199,20 @@ def create_parser() -> Tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
 def parse_args(argv: Optional[Sequence[str]] = None) -> Tuple[argparse.Namespace, str]:
     """Parse the command line (with ``-c/--config`` YAML defaults)."""
     config_parser, parser = create_parser()
-    return _parse_config_args(parser, config_parser, argv)
+    args, args_text = _parse_config_args(parser, config_parser, argv)
+    if args.data and args.data_dir and args.data != args.data_dir:
+        if args.data_dir != parser.get_default('data_dir'):
+            parser.error(f'DIR {args.data} and --data-dir {args.data_dir} name different dataset roots; pass one')
+        args.data_dir = args.data  # DIR on the command line overrides a config file's data_dir
+    args.data_dir = args.data_dir or args.data
+    for flag, on, why in (
+            ('--tf-preprocessing', args.tf_preprocessing, 'needs TensorFlow, which this project does not install, and '
+                                                          "the attacks and corruptions work on timm's PIL transform"),
+            ('--naflex-loader', args.naflex_loader, 'the evaluation loop (calibration, FGSM, AutoAttack, corruptions) '
+                                                    'works on image tensors, NaFlex batches are patch sequences')):
+        if on:
+            parser.error(f'{flag} is not supported by this validate.py: it {why}')
+    return args, args_text
 
 
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:

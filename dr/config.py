@@ -46,6 +46,21 @@ def cli_only(action: argparse.Action) -> argparse.Action:
     return action
 
 
+class ParseKwargs(argparse.Action):
+    """``--x KEY=VALUE ...`` as a dict (timm's ``utils.ParseKwargs``; values read as YAML scalars).
+
+    Without timm at parse time (``--help`` stays instant). A config file gives the mapping itself (timm's
+    ``args.yaml`` writes ``model_kwargs: {}``) or a list of ``KEY=VALUE`` strings.
+    """
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        try:
+            kwargs = parse_key_values(values, option_string or self.dest)
+        except ValueError as e:
+            parser.error(str(e))
+        setattr(namespace, self.dest, kwargs)
+
+
 def load_config_defaults(path: str, parser: argparse.ArgumentParser) -> Dict[str, Any]:
     """Read a YAML config and check each key and value against the parser's arguments.
 
@@ -61,11 +76,18 @@ def load_config_defaults(path: str, parser: argparse.ArgumentParser) -> Dict[str
     """
     cfg = _read_yaml_mapping(path)
     actions = {a.dest: a for a in parser._actions if a.dest not in (argparse.SUPPRESS, 'help', 'config')}
+    aliases = {}  # other long option names of an argument (--kd-temp of --kd-temperature): their keys load too
+    for a in actions.values():
+        for opt in a.option_strings:
+            name = opt.lstrip('-').replace('-', '_')
+            if opt.startswith('--') and name != a.dest:
+                aliases.setdefault(name, a.dest)
     out: Dict[str, Any] = {}
     seen: Dict[str, str] = {}
     problems: List[str] = []
     for key, value in cfg.items():
         dest = str(key).replace('-', '_')
+        dest = dest if dest in actions else aliases.get(dest, dest)
         action = actions.get(dest)
         first = seen.setdefault(dest, str(key))
         if action is None:
@@ -115,6 +137,12 @@ def config_value(action: argparse.Action, value: Any) -> Any:
     """
     if action.nargs == 0:
         return _flag_value(action, value)
+    if isinstance(action, ParseKwargs):
+        if isinstance(value, dict):
+            return {str(k): v for k, v in value.items()}
+        if isinstance(value, list) and all(isinstance(v, str) for v in value):
+            return parse_key_values(value, _flag(action))
+        raise ValueError(f'expected a mapping of keyword arguments (or a list of KEY=VALUE), got {_kind(value)}')
     if _is_default(action, value):  # e.g. `wandb_tags: []` in a saved args.yaml, which the command line cannot give
         return value
     if value is None:
@@ -297,6 +325,21 @@ def save_args_yaml(args_text: str, output_dir: str, filename: str = 'args.yaml')
     with atomic_write(path, 'w') as f:
         f.write(args_text)
     return path
+
+
+def resolve_dataset_name(dataset: Optional[str], root: Optional[str], root_flag: str = 'DIR') -> str:
+    """The dataset a script reads, as timm reads it: ``root`` is an ImageFolder/tar (or the root of the timm dataset
+    ``dataset`` names); the embedded ``digits`` only when no dataset root is given.
+
+    Raises:
+        ValueError: ``--dataset digits`` together with a root (the digits read no folder), naming both.
+    """
+    if dataset and dataset.lower() == 'digits' and root:
+        raise ValueError(f'--dataset {dataset} and {root_flag} {root} are both given: the digits are embedded and '
+                         f'read no folder; drop --dataset {dataset} to read {root}, or drop {root_flag}')
+    if not dataset and not root:
+        return 'digits'
+    return dataset or ''
 
 
 def parse_key_values(items: Optional[List[str]], flag: str) -> Dict[str, Any]:

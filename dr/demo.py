@@ -98,12 +98,18 @@ def _scripts():
     return train, reinforce, validate
 
 
+# the demo's online KD: pure distillation at temperature 1, passed explicitly (timm's parser defaults are
+# temperature 4 and unset loss weights)
+KD_FLAGS = ('--kd-temperature', '1', '--distill-loss-weight', '1', '--task-loss-weight', '0')
+
+
 def train_argv(cfg: DemoConfig, runs: str, name: str, seed: int, model: Optional[str] = None,
                epochs: Optional[int] = None, lr: Optional[float] = None, batch_size: Optional[int] = None,
                extra: Sequence[str] = ()) -> List[str]:
     """train.py flags shared by every demo run (teachers and students); the defaults are the student's."""
     return ['--dataset', 'digits', '--model', model or cfg.model, '--epochs', str(epochs or cfg.epochs),
             '--warmup-epochs', '1', '--lr', str(lr or cfg.lr), '--weight-decay', str(cfg.weight_decay),
+            '--smoothing', '0',  # timm's parser default is 0.1; the demo's runs use none
             '-b', str(batch_size or cfg.batch_size), '--scale', *map(str, cfg.scale), '--hflip', str(cfg.hflip),
             '--color-jitter', str(cfg.color_jitter), '--workers', '0', '--seed', str(seed),
             '--log-interval', '1000', '--checkpoint-hist', '1', '--output', runs, '--experiment', name,
@@ -125,7 +131,7 @@ def student_plan(cfg: DemoConfig, shards: str, teacher_specs: Sequence[str]) -> 
         'bake': dict(common, batch_size=group * cfg.batch_size, lr=group * cfg.lr, images_per_epoch=group,
                      extra=['--bake', '--bake-intra', str(cfg.bake_intra)]),
         'reinforced': dict(common, extra=['--reinforced', shards, '--val-split', 'val']),
-        'online_kd': dict(common, extra=['--kd-teacher', *teacher_specs]),
+        'online_kd': dict(common, extra=['--kd-teacher', *teacher_specs, *KD_FLAGS]),
     }
 
 

@@ -60,6 +60,19 @@ class EpochLoader:
         return iter(self.loader)
 
 
+def set_loader_epoch(loader: Any, epoch: int) -> None:
+    """Start epoch ``epoch`` of a loader: its own ``set_epoch``, else its sampler's / batch sampler's (timm's
+    loaders: ``DistributedSampler``, ``RepeatAugSampler``, ``ScheduledBatchSampler``)."""
+    if hasattr(loader, 'set_epoch'):
+        loader.set_epoch(epoch)
+        return
+    for attr in ('batch_sampler', 'sampler'):
+        sampler = getattr(loader, attr, None)
+        if hasattr(sampler, 'set_epoch'):
+            sampler.set_epoch(epoch)  # a ScheduledBatchSampler passes it on to its sampler
+            return
+
+
 class DeviceLoader:
     """Moves (input, target) batches to a device and optionally to channels-last memory format."""
 
@@ -69,12 +82,15 @@ class DeviceLoader:
         self.channels_last = channels_last
 
     def set_epoch(self, epoch: int) -> None:
-        if hasattr(self.loader, 'set_epoch'):
-            self.loader.set_epoch(epoch)
+        set_loader_epoch(self.loader, epoch)
 
     @property
     def sampler(self):
         return getattr(self.loader, 'sampler', None)
+
+    @property
+    def batch_sampler(self):
+        return getattr(self.loader, 'batch_sampler', None)
 
     def __len__(self) -> int:
         return len(self.loader)

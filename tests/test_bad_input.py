@@ -78,7 +78,7 @@ def test_train_help_and_flag_errors_do_not_import_torch(tmp_path):
     ('bake_knowledge: foo\n', 'bake_knowledge', "'foo' is not one of the choices"),
     ('epochs: 1.5\n', 'epochs', 'expected an integer'),
     ('lr: [0.1, 0.2]\n', 'lr', 'expected a number, got a list'),
-    ('scale: 0.5\n', 'scale', 'a list of 2 value(s)'),
+    ('input_size: [3, 32]\n', 'input_size', 'a list of 3 value(s)'),
     ('bake_omegaa: 0.3\n', 'bake_omegaa', 'unknown key; did you mean bake_omega?'),
     ('overwrite: true\n', 'overwrite', 'command-line-only'),
 ])

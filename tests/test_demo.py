@@ -155,7 +155,7 @@ def test_student_plan_matches_bake_steps_and_images():
     assert plan['bake']['epochs'] * plan['bake']['images_per_epoch'] == plan['plain_2x']['epochs']
     assert plan['bake']['batch_size'] // plan['bake']['images_per_epoch'] == plan['plain']['batch_size']
     assert plan['reinforced']['extra'][:2] == ['--reinforced', 'shards']
-    assert plan['online_kd']['extra'] == ['--kd-teacher', 'resnet10t=a.pth']
+    assert plan['online_kd']['extra'] == ['--kd-teacher', 'resnet10t=a.pth', *demo.KD_FLAGS]
 
 
 @pytest.mark.slow

@@ -193,13 +193,17 @@ def _script(path: str):
 @pytest.mark.parametrize('path', RECIPES)
 def test_recipe_parses_with_its_script(path):
     script = _script(path)
-    args, args_text = script.parse_args(['--config', os.path.join(REPO, path)])
     with open(os.path.join(REPO, path)) as f:
         raw = yaml.safe_load(f)
+    image_folder = script is train and raw.get('dataset') == '' and not raw.get('data_dir')
+    root = ['/data/root'] if image_folder else []  # an ImageFolder recipe reads DIR
+    args, args_text = script.parse_args(['--config', os.path.join(REPO, path), *root])
     for key, value in raw.items():
         if key == 'batch_size' and script is train and raw.get('batch_anchors'):
             continue
         got = getattr(args, key)
+        if key in ('model_kwargs', 'opt_kwargs') and isinstance(value, list):  # KEY=VALUE items give a mapping
+            value = parse_key_values(value, key)
         assert (list(got) if isinstance(got, tuple) else got) == value, key
     assert '.py' in ''.join(line for line in TEXTS[path].splitlines() if line.startswith('#')), \
         'the header shows the command line'
@@ -207,11 +211,11 @@ def test_recipe_parses_with_its_script(path):
         assert args.model in timm.list_models(), f'{args.model} is not a timm model name'
         assert args.lr is None and args.lr_base > 0
         if args.model_kwargs:
-            kwargs = parse_key_values(args.model_kwargs, '--model-kwargs')
+            kwargs = dict(args.model_kwargs)
             with torch.device('meta'):  # builds the architecture without allocating weights
                 timm.create_model(args.model, num_classes=args.num_classes, **kwargs)
         loaded = yaml.safe_load(args_text)  # the resolved args (args.yaml of a run) load again
-        assert train.parse_args(['--config', os.path.join(REPO, path), '-b', str(loaded['batch_size'])])
+        assert train.parse_args(['--config', os.path.join(REPO, path), '-b', str(loaded['batch_size']), *root])
     if script is reinforce:
         assert args.amp is False, 'reinforcement recipes run the teacher in float32 by default'
 

@@ -37,9 +37,12 @@ TOPK = 5
 class NormalizedModel(nn.Module):
     """``model((x - mean) / std)`` for images ``x`` in [0, 1]; optional channels-last input."""
 
-    def __init__(self, model: nn.Module, mean: Sequence[float], std: Sequence[float], channels_last: bool = False):
+    def __init__(self, model: nn.Module, mean: Sequence[float], std: Sequence[float], channels_last: bool = False,
+                 dtype: Optional[torch.dtype] = None, valid_labels: Optional[Sequence[int]] = None):
         super().__init__()
         self.model = model
+        self.dtype = dtype  # --model-dtype: inputs cast to it, logits returned as float32
+        self.valid_labels = list(valid_labels) if valid_labels is not None else None  # --valid-labels
         self.register_buffer('mean', torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
         self.register_buffer('std', torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
         self.channels_last = channels_last
@@ -48,7 +51,14 @@ class NormalizedModel(nn.Module):
         x = (x - self.mean) / self.std
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        return self.model(x)
+        if self.dtype is not None:
+            x = x.to(self.dtype)
+        out = self.model(x)
+        if self.dtype is not None:
+            out = out.float()
+        if self.valid_labels is not None:
+            out = out[:, self.valid_labels]
+        return out
 
 
 class ShardSampler(Sampler):

@@ -8,7 +8,9 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 import torch.nn as nn
 from timm.data import resolve_data_config
+from timm.layers import apply_test_time_pool
 from timm.models import create_model
+from timm.utils import reparameterize_model
 
 from ..checkpoint import CHECKPOINT_NAMES, apply_checkpoint, load_checkpoint_file, resolve_checkpoint_path
 from ..data import DIGITS_DEFAULT_SIZE
@@ -111,7 +113,8 @@ def create_eval_models(args: argparse.Namespace, plan: EvalPlan) -> List[EvalMod
 def _create_model(args: argparse.Namespace, plan: EvalPlan, arch: str, info: Dict[str, Any], ckpt: Any
                   ) -> nn.Module:
     try:
-        model = create_model(arch, pretrained=args.pretrained, num_classes=plan.num_classes, **plan.model_kwargs)
+        num_classes = args.num_classes if plan.valid_labels is not None else plan.num_classes
+        model = create_model(arch, pretrained=args.pretrained, num_classes=num_classes, **plan.model_kwargs)
     except RuntimeError as e:  # unknown model name, unavailable pretrained weights, ...
         raise ValidateError(f'Cannot create model {arch!r}: {e}') from None
     if info['path']:
@@ -124,6 +127,8 @@ def _create_model(args: argparse.Namespace, plan: EvalPlan, arch: str, info: Dic
                                 ) from None
         except (KeyError, RuntimeError) as e:
             raise ValidateError(f'Cannot load {info["path"]} into {arch}: {e}') from None
+    if args.reparam:
+        model = reparameterize_model(model)
     elif args.pretrained:
         stored = (getattr(model, 'pretrained_cfg', None) or {}).get('num_classes')
         if stored and stored != plan.num_classes:
@@ -158,20 +163,44 @@ def resolve_eval_data_config(args: argparse.Namespace, em: EvalModel, digits_set
             cfg_args['img_size'] = digits_size
         if cfg_args['crop_pct'] is None:
             cfg_args['crop_pct'] = 1.0
-    return resolve_data_config(cfg_args, model=em.model), digits_size
+    return resolve_data_config(cfg_args, model=em.model, use_test_size=not args.use_train_size), digits_size
 
 
-def prepare_model(em: EvalModel, data_config: Dict[str, Any], args: argparse.Namespace, device: torch.device
-                  ) -> nn.Module:
+def prepare_model(em: EvalModel, data_config: Dict[str, Any], args: argparse.Namespace, device: torch.device,
+                  valid_labels: Optional[List[int]] = None) -> nn.Module:
     """The network the loop runs: eval mode, on ``device``, normalisation inside (attacks work on [0, 1] pixels)."""
-    model = em.model.eval().to(device)
+    model = em.model.eval()
+    if args.test_pool:
+        model, _ = apply_test_time_pool(model, data_config)
+    dtype = model_dtype(args)
+    model.to(device=device, dtype=dtype)
     if args.channels_last:
         model.to(memory_format=torch.channels_last)
-    net = NormalizedModel(model, data_config['mean'], data_config['std'], channels_last=args.channels_last)
+    net = NormalizedModel(model, data_config['mean'], data_config['std'], channels_last=args.channels_last,
+                          dtype=dtype, valid_labels=valid_labels)
     net.eval().to(device)
-    if args.torchcompile:
-        net = torch.compile(net, backend=args.torchcompile)
+    if args.torchscript:
+        net = torch.jit.script(net)
+    elif args.torchcompile:
+        net = torch.compile(net, backend=args.torchcompile, mode=args.torchcompile_mode)
+    elif args.aot_autograd:
+        from functorch.compile import memory_efficient_fusion  # optional, as in timm's validate.py
+        net = memory_efficient_fusion(net)
+    if args.num_gpu > 1:
+        net = nn.DataParallel(net, device_ids=list(range(args.num_gpu)))
     return net
+
+
+def model_dtype(args: argparse.Namespace) -> Optional[torch.dtype]:
+    """``--model-dtype`` (float32, float16 or bfloat16, as timm's validate.py allows); None without it."""
+    if not args.model_dtype:
+        return None
+    if args.model_dtype not in ('float32', 'float16', 'bfloat16'):
+        raise ValidateError(f'--model-dtype {args.model_dtype}: expected float32, float16 or bfloat16')
+    if args.amp and args.model_dtype != 'float32':
+        raise ValidateError(f'--model-dtype {args.model_dtype} and --amp are alternatives: AMP runs a float32 model')
+    return getattr(torch, args.model_dtype)
+
 
 
 def param_count_m(model: nn.Module) -> float:

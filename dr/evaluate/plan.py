@@ -4,13 +4,15 @@ Everything here is decided from the flags and the folders on disk, before any mo
 bad input (unknown or missing sets, sets needing different class counts, bad flag values) stops the run early.
 """
 import argparse
+import dataclasses
+import json
 import logging
+import os
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch.utils.data as tud
 
-from ..config import parse_key_values
 from ..data import DigitsDataset, create_dataset, dataset_classes, is_digits
 from .attacks import AUTOATTACK_MIN_CLASSES
 from .corruptions import IMAGENET_C_CORRUPTIONS, SEVERITIES
@@ -33,7 +35,8 @@ class EvalPlan:
         missing: sets looked for under ``--suite`` and not found.
         needs: class count each set needs.
         num_classes: the one class count of the run.
-        model_kwargs: parsed ``--model-kwargs``.
+        model_kwargs: parsed ``--model-kwargs`` (with ``--in-chans``, ``--gp``).
+        valid_labels: ``--valid-labels``: the model's class indices the sets' labels 0..N-1 stand for.
         generic_parts: the parts of a ``folder`` set (built while planning: its class count comes from its folders).
     """
     sets: List[Tuple[str, str]]
@@ -42,6 +45,7 @@ class EvalPlan:
     num_classes: int
     model_kwargs: Dict[str, Any] = field(default_factory=dict)
     generic_parts: Optional[List[EvalPart]] = None
+    valid_labels: Optional[List[int]] = None
 
     @property
     def set_names(self) -> List[str]:
@@ -104,10 +108,17 @@ def plan_sets(args: argparse.Namespace) -> Tuple[List[Tuple[str, str]], List[str
 
 def generic_parts(args: argparse.Namespace, num_classes_hint: Optional[int]) -> Tuple[List[EvalPart], int]:
     """Parts and class count of a generic dataset (ImageFolder DIR or a map-style timm dataset)."""
-    if not args.dataset:
+    timm_kwargs = {k: getattr(args, k) for k in ('class_map', 'input_key', 'target_key', 'input_img_mode')
+                   if getattr(args, k)}
+    if not args.dataset and not timm_kwargs:
         parts, classes = folder_parts(args.data_dir, name='folder', skip_bad_images=args.skip_bad_images)
+        if args.real_labels:
+            _add_real_labels(parts[0], args.real_labels, [p for p, _ in parts[0].dataset.samples])
         return parts, len(classes)
-    ds = create_dataset(args.dataset, root=args.data_dir, split=args.split, is_training=False)
+    if args.dataset_trust_remote_code:
+        timm_kwargs['trust_remote_code'] = True
+    ds = create_dataset(args.dataset, root=args.data_dir, split=args.split, is_training=False,
+                        num_samples=args.num_samples, download=args.dataset_download, **timm_kwargs)
     if isinstance(ds, tud.IterableDataset):
         raise ValidateError(f'--dataset {args.dataset}: iterable datasets are not supported by validate.py '
                             f'(use an ImageFolder or a map-style timm dataset)')
@@ -115,7 +126,28 @@ def generic_parts(args: argparse.Namespace, num_classes_hint: Optional[int]) -> 
     n = len(classes) if classes else num_classes_hint
     if not n:
         raise ValidateError(f'--dataset {args.dataset}: cannot tell the number of classes; pass --num-classes')
-    return [EvalPart(args.dataset, IndexedDataset(ds), [View(args.dataset, attack=True)])], n
+    part = EvalPart(args.dataset or 'folder', IndexedDataset(ds), [View(args.dataset or 'folder', attack=True)])
+    if args.real_labels:
+        reader = getattr(ds, 'reader', None)
+        files = [reader._filename(i, absolute=True) for i in range(len(ds))] if reader is not None else []
+        _add_real_labels(part, args.real_labels, files)
+    return [part], n
+
+
+def _add_real_labels(part: EvalPart, path: str, files: List[str]) -> None:
+    """``--real-labels FILE``: ReaL accuracy on the part's images, labels looked up by file name as timm's
+    ``RealLabelsImagenet`` does (entry i is ``ILSVRC2012_val_{i + 1:08d}.JPEG``)."""
+    try:
+        with open(path) as f:
+            table = json.load(f)
+    except (OSError, ValueError) as e:
+        raise ValidateError(f'--real-labels {path}: cannot read a ReaL labels JSON ({e})') from None
+    by_name = {f'ILSVRC2012_val_{i + 1:08d}.JPEG': tuple(labels) for i, labels in enumerate(table)}
+    part.real_labels = [by_name.get(os.path.basename(p)) for p in files]
+    if not any(lab is not None for lab in part.real_labels):
+        raise ValidateError(f'--real-labels {path}: none of the {len(files)} images is named like an ImageNet val '
+                            f'file (ILSVRC2012_val_NNNNNNNN.JPEG)')
+    part.views = [dataclasses.replace(v, real=True) for v in part.views]
 
 
 def plan_evaluation(args: argparse.Namespace) -> EvalPlan:
@@ -134,11 +166,19 @@ def plan_evaluation(args: argparse.Namespace) -> EvalPlan:
         except (ValueError, FileNotFoundError) as e:
             raise ValidateError(str(e)) from None
     needs = {name: (classes if name == 'folder' else SET_SPECS[name].num_classes) for name, _ in sets}
+    valid_labels = _read_valid_labels(args.valid_labels) if args.valid_labels else None
+    if valid_labels is not None and classes is not None and len(valid_labels) != classes:
+        raise ValidateError(f'--valid-labels {args.valid_labels}: {len(valid_labels)} indices for a dataset of '
+                                f'{classes} classes')
     if len(set(needs.values())) > 1:
         raise ValidateError(f'The selected sets need different class counts: {describe_class_needs(needs)}; '
                             f'evaluate them in separate runs')
     num_classes = next(iter(needs.values()))
-    if args.num_classes is not None and args.num_classes != num_classes:
+    if valid_labels is not None:
+        if args.num_classes is None or args.num_classes <= max(valid_labels):
+            raise ValidateError('--valid-labels needs --num-classes: the size of the model\'s label space, larger '
+                                'than every valid index')
+    elif args.num_classes is not None and args.num_classes != num_classes:
         raise ValidateError(f'--num-classes {args.num_classes} does not fit set(s) {describe_class_needs(needs)}')
     if args.tags and len(args.tags) != max(1, len(args.checkpoint)):
         raise ValidateError(f'--tags: {len(args.tags)} names for {max(1, len(args.checkpoint))} model(s)')
@@ -149,11 +189,24 @@ def plan_evaluation(args: argparse.Namespace) -> EvalPlan:
                             f'DLR loss); set(s) {describe_class_needs(needs)}')
     if args.autoattack_eps <= 0:
         raise ValidateError(f'--autoattack-eps must be > 0 (1/255 units), got {args.autoattack_eps:g}')
+    model_kwargs = dict(args.model_kwargs or {})
+    if args.in_chans is not None:
+        model_kwargs['in_chans'] = args.in_chans
+    if args.gp is not None:
+        model_kwargs['global_pool'] = args.gp
+    return EvalPlan(sets, missing, needs, num_classes, model_kwargs, parts, valid_labels)
+
+
+def _read_valid_labels(path: str) -> List[int]:
+    """timm's ``--valid-labels`` file: one class index per line."""
     try:
-        model_kwargs = parse_key_values(args.model_kwargs, '--model-kwargs') if args.model_kwargs else {}
-    except ValueError as e:
-        raise ValidateError(str(e)) from None
-    return EvalPlan(sets, missing, needs, num_classes, model_kwargs, parts)
+        with open(path) as f:
+            labels = [int(line.strip()) for line in f if line.strip()]
+    except (OSError, ValueError) as e:
+        raise ValidateError(f'--valid-labels {path}: expected one class index per line ({e})') from None
+    if not labels:
+        raise ValidateError(f'--valid-labels {path}: no class indices')
+    return labels
 
 
 def prepare_sets(args: argparse.Namespace, plan: EvalPlan) -> 'PartsCache':

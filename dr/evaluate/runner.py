@@ -15,7 +15,8 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 import numpy as np
 import torch
 import torch.distributed as dist
-from timm.utils import setup_default_logging
+from timm.layers import set_fast_norm
+from timm.utils import set_jit_fuser, setup_default_logging
 from timm.utils.distributed import init_distributed_device_so
 
 from ..config import save_args_yaml
@@ -78,6 +79,12 @@ def setup_process(args: argparse.Namespace) -> EvalEnv:
     if not logging.getLogger().handlers:  # in-process callers (the demo, tests) keep their logging setup
         setup_default_logging()
     device, rank, world = _init_device(args)
+    if args.amp_impl != 'native':
+        raise ValidateError(f'--amp-impl {args.amp_impl}: only native torch AMP is supported')
+    if args.fuser:
+        set_jit_fuser(args.fuser)
+    if args.fast_norm:
+        set_fast_norm()
     if rank != 0:
         logging.getLogger().setLevel(logging.WARNING)
     torch.manual_seed(args.seed)
@@ -220,7 +227,7 @@ def evaluate_model(em: EvalModel, plan: EvalPlan, parts: PartsCache, store: Resu
                    env: EvalEnv) -> Dict[str, Dict[str, Any]]:
     """Every planned set on one model; returns its rows by set name (also stored in ``em.rows``)."""
     data_config, digits_size = resolve_eval_data_config(args, em, plan.has_digits)
-    net = prepare_model(em, data_config, args, env.device)
+    net = prepare_model(em, data_config, args, env.device, valid_labels=plan.valid_labels)
     base_row = _base_row(em, data_config, plan, args)
     key_base = _key_base(em, data_config, digits_size, plan, args, env)
     if env.primary:
@@ -275,6 +282,8 @@ def _key_base(em: EvalModel, data_config: Dict[str, Any], digits_size: int, plan
         'autoattack_n': args.autoattack_n, 'autoattack_eps': args.autoattack_eps,
         'autoattack_impl': env.autoattack_status, 'seed': args.seed, 'n_bins': args.n_bins,
         'skip_bad_images': args.skip_bad_images, 'digits_size': digits_size,
+        **{k: getattr(args, k) for k in ('model_dtype', 'test_pool', 'reparam', 'valid_labels', 'real_labels',
+                                         'crop_border_pixels') if getattr(args, k)},  # timm's flags, when set
     }
 
 
@@ -292,14 +301,25 @@ def _reused_rows(tag: str, part: EvalPart, key: str, store: ResultsStore) -> Opt
 def _evaluate_part(net: torch.nn.Module, part: EvalPart, data_config: Dict[str, Any], base_row: Dict[str, Any],
                    args: argparse.Namespace, env: EvalEnv) -> List[Dict[str, Any]]:
     """One pass over a dataset: its rows (one per view, plus ImageNet ReaL)."""
-    loader = create_eval_loader(part.dataset, data_config, args.batch_size, args.workers, env.rank, env.world,
-                                crop_border_pixels=part.crop_border_pixels,
-                                pin_memory=args.pin_mem and env.device.type == 'cuda',
-                                center_crop_only=part.center_crop_only)
+    border = part.crop_border_pixels if part.crop_border_pixels is not None else args.crop_border_pixels
+    batch_size = args.batch_size
     try:
-        records, skipped = evaluate_part(net, part, loader, env.device, autocast=env.autocast, attack=env.attack,
-                                         progress=env.primary and not args.no_progress,
-                                         desc=f'{base_row["tag"]} {part.name}')
+        while True:
+            pin = args.pin_mem and env.device.type == 'cuda'
+            loader = create_eval_loader(part.dataset, data_config, batch_size, args.workers, env.rank, env.world,
+                                        crop_border_pixels=border, pin_memory=pin,
+                                        center_crop_only=part.center_crop_only)
+            try:
+                records, skipped = evaluate_part(net, part, loader, env.device, autocast=env.autocast,
+                                                 attack=env.attack, progress=env.primary and not args.no_progress,
+                                                 desc=f'{base_row["tag"]} {part.name}')
+                break
+            except torch.cuda.OutOfMemoryError:
+                if not args.retry or batch_size == 1:
+                    raise
+                batch_size = max(1, batch_size // 2)  # --retry, as timm's check_batch_size_retry
+                torch.cuda.empty_cache()
+                _logger.warning(f'{part.name}: out of memory, retrying with batch size {batch_size}')
     except BadImageError as e:
         raise ValidateError(str(e).strip().splitlines()[-1]) from None
     except RuntimeError as e:  # DataLoader workers re-raise with the worker traceback in the message
@@ -315,9 +335,10 @@ def _evaluate_part(net: torch.nn.Module, part: EvalPart, data_config: Dict[str, 
         rec = gather_records(records[view.name], env.device)
         rows.append(_view_row(view, part, rec, part_row, args, env))
         if view.real and part.real_labels is not None:
+            bundled = 'timm bundled imagenet_real_labels.json'
+            source = args.real_labels if args.real_labels and part.name != 'imagenet' else bundled
             rows.append({**part_row, 'set': 'imagenet-real',
-                         'convention': 'ImageNet val with ReaL labels (timm bundled imagenet_real_labels.json); '
-                                       'images without ReaL labels left out',
+                         'convention': f'ImageNet val with ReaL labels ({source}); images without ReaL labels left out',
                          **summarize_real(rec, part.real_labels)})
     if complete is False and env.primary:
         _logger.warning(f'{part.name}: {part.num_samples - skipped} of {part.expected_size} images scored '

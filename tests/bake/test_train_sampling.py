@@ -17,7 +17,7 @@ from tests.helpers import REPO, free_port
 train._import_training_libraries()  # train.main() does this once the flags are parsed
 
 BASE = ['--dataset', 'digits', '--model', 'test_resnet', '--workers', '0', '--warmup-epochs', '0', '--lr', '0.2',
-        '--log-interval', '1000']
+        '--log-interval', '1000', '--smoothing', '0', '--weight-decay', '1e-4']
 
 
 def _parse(*argv):
