@@ -24,7 +24,7 @@ checks are recorded as skipped) and writes ``<cpu-name>-smoke.*``; the test suit
 between GPU loans. Never read a smoke file as a GPU figure.
 
     python benchmarks/gpu.py                            # on a machine with a GPU: the full run, ~8 minutes
-    python benchmarks/gpu.py --smoke --output /tmp/gpu_smoke
+    python benchmarks/gpu.py --smoke                    # CPU, ~20 s; writes output/gpu_smoke/<cpu>-smoke.*
     python benchmarks/gpu.py --sections bake validate    # rerun some sections (default budget split over them)
 """
 import argparse
@@ -217,6 +217,7 @@ def section_environment(ctx: Context, rec: Recorder) -> None:
                            'torch_threads': torch.get_num_threads(),
                            'float32_matmul_precision': torch.get_float32_matmul_precision(),
                            'cudnn_allow_tf32': torch.backends.cudnn.allow_tf32,
+                           'cudnn_benchmark': torch.backends.cudnn.benchmark,
                            'matmul_allow_tf32': torch.backends.cuda.matmul.allow_tf32}
     if env['cuda_available']:
         props = torch.cuda.get_device_properties(0)
@@ -629,8 +630,9 @@ def _prepare_data(ctx: Context, processes: int) -> Dict[str, Any]:
 
 def create_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description='All GPU figures in one run (see the module docstring)')
-    parser.add_argument('--output', default=os.path.join(BENCH, 'results'),
-                        help='folder of <device-name>.json and .md (default: benchmarks/results)')
+    parser.add_argument('--output', default=None,
+                        help='folder of <device-name>.json and .md (default: benchmarks/results; with --smoke: '
+                             'output/gpu_smoke, so smoke files never sit beside GPU figures)')
     parser.add_argument('--budget-s', type=float, default=DEFAULT_BUDGET_S,
                         help=f'wall-clock budget of the whole run in seconds (default: {DEFAULT_BUDGET_S:.0f})')
     parser.add_argument('--smoke', action='store_true',
@@ -653,6 +655,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     args = create_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format='%(message)s')
     sizes = SMOKE if args.smoke else FULL
+    output = args.output or (os.path.join(ROOT, 'output', 'gpu_smoke') if args.smoke
+                             else os.path.join(BENCH, 'results'))
     workers = args.workers or (1 if args.smoke else max(1, min(12, (os.cpu_count() or 2) - 2)))
     work = args.work_dir or tempfile.mkdtemp(prefix='gpu_bench_')
     os.makedirs(work, exist_ok=True)
@@ -696,8 +700,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
             'environment': env, 'data': data, 'sections': sections,
         }
         stem = slug(device_name or 'unknown') + ('-smoke' if args.smoke else '')
-        json_path = os.path.join(args.output, f'{stem}.json')
-        md_path = os.path.join(args.output, f'{stem}.md')
+        json_path = os.path.join(output, f'{stem}.json')
+        md_path = os.path.join(output, f'{stem}.md')
         with atomic_write(json_path, 'w') as f:
             json.dump(result, f, indent=1, default=str)
         with atomic_write(md_path, 'w') as f:
