@@ -137,8 +137,9 @@ def time_extra_work(bake: BakeTask, x: torch.Tensor, args: argparse.Namespace,
                     device: torch.device) -> Tuple[List[float], List[float]]:
     """The extra work of a BAKE step on its own (same shapes): targets, then the KL term forward and backward to the
     logits. Timed in isolation it is robust to other jobs on the machine, unlike the end-to-end ratios."""
+    module = getattr(bake.trainable_module, '_orig_mod', bake.trainable_module)  # compiled: no no-grad recompile
     with torch.no_grad():
-        logits, pre = bake.trainable_module(x)
+        logits, pre = module(x)
     logits = logits.detach().float().requires_grad_(True)
     solve_times, extra_times = [], []
     for _ in range(max(10, args.steps)):
