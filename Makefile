@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-fast lint bench install clean
+.PHONY: demo test test-fast lint bench bench-gpu install clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -33,6 +33,10 @@ bench: $(STAMP)
 	$(PY) benchmarks/loader_throughput.py
 	$(PY) benchmarks/mixing_throughput.py
 	$(PY) benchmarks/validate_throughput.py
+
+# on a machine with a GPU: every GPU figure in one run (~8 min), written to benchmarks/results/<device-name>.{json,md}
+bench-gpu: $(STAMP)
+	$(PY) benchmarks/gpu.py --output benchmarks/results
 
 clean:
 	rm -rf output .pytest_cache

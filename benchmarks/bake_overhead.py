@@ -19,7 +19,7 @@ import statistics
 import sys
 import time
 from contextlib import nullcontext
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import timm
@@ -27,6 +27,8 @@ import torch
 from timm.task import ClassificationTask
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from bench_utils import peak_memory, reset_peak_memory, sync  # noqa: E402
 
 from dr.bake.sampler import ClassAwareSampler, check_batch_size  # noqa: E402
 from dr.bake.targets import bake_loss, bake_targets  # noqa: E402
@@ -52,15 +54,12 @@ def create_parser() -> argparse.ArgumentParser:
     parser.add_argument('--amp', action='store_true', help='mixed precision (autocast)')
     parser.add_argument('--amp-dtype', default='bfloat16', choices=['float16', 'bfloat16'])
     parser.add_argument('--channels-last', action='store_true')
+    parser.add_argument('--torchcompile', nargs='?', default=None, const='inductor',
+                        help='torch.compile both tasks with this backend (default when given: inductor)')
     parser.add_argument('--threads', type=int, default=0, help='torch.set_num_threads (0: leave the default)')
     parser.add_argument('--seed', type=int, default=0)
     parser.add_argument('--output', default='', help='JSON result file')
     return parser
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == 'cuda':
-        torch.cuda.synchronize(device)
 
 
 def _stats(times: List[float]) -> Dict[str, float]:
@@ -97,7 +96,7 @@ def create_step(args: argparse.Namespace, device: torch.device, optimizer: torch
 
     def step(task: Callable, batch: Tuple[torch.Tensor, torch.Tensor]) -> Tuple[float, float]:
         x, y = batch
-        _sync(device)
+        sync(device)
         start, start_cpu = time.perf_counter(), time.process_time()
         with torch.autocast(device.type, dtype=amp_dtype) if args.amp else nullcontext():
             out = task(x, y)
@@ -109,7 +108,7 @@ def create_step(args: argparse.Namespace, device: torch.device, optimizer: torch
         else:
             out['loss'].backward()
             optimizer.step()
-        _sync(device)
+        sync(device)
         return time.perf_counter() - start, time.process_time() - start_cpu
 
     return step
@@ -138,18 +137,19 @@ def time_extra_work(bake: BakeTask, x: torch.Tensor, args: argparse.Namespace,
                     device: torch.device) -> Tuple[List[float], List[float]]:
     """The extra work of a BAKE step on its own (same shapes): targets, then the KL term forward and backward to the
     logits. Timed in isolation it is robust to other jobs on the machine, unlike the end-to-end ratios."""
+    module = getattr(bake.trainable_module, '_orig_mod', bake.trainable_module)  # compiled: no no-grad recompile
     with torch.no_grad():
-        logits, pre = bake.trainable_module(x)
+        logits, pre = module(x)
     logits = logits.detach().float().requires_grad_(True)
     solve_times, extra_times = [], []
     for _ in range(max(10, args.steps)):
-        _sync(device)
+        sync(device)
         start = time.perf_counter()
         q = bake_targets(pre, logits, args.omega, args.temp, args.one_step)
-        _sync(device)
+        sync(device)
         mid = time.perf_counter()
         bake_loss(logits, q, args.temp).backward()
-        _sync(device)
+        sync(device)
         end = time.perf_counter()
         logits.grad = None
         solve_times.append(mid - start)
@@ -203,11 +203,25 @@ def print_result(args: argparse.Namespace, device: torch.device, result: Dict) -
           f'paired median {result["ratio_paired_median"]:.4f}, min {result["ratio_min"]:.4f}')
     print(f'BAKE overhead: {100 * (result["ratio_paired_median"] - 1):+.2f}% end to end (paired median wall time), '
           f'{100 * result["extra_share_of_plain_step"]:.2f}% from the extra work timed alone')
+    if 'memory' in result:
+        print('memory peak of one step: ' + ', '.join(
+            f'{k} {v["peak_bytes"] / 2 ** 20:.0f} MiB' for k, v in result['memory'].items())
+            + f' ({result["memory"]["plain"]["kind"]})')
 
 
-def main(argv: Optional[Sequence[str]] = None) -> Dict:
-    args = create_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format='%(message)s')
+def step_memory(step: Callable, tasks: Dict[str, Callable], batch: Tuple[torch.Tensor, torch.Tensor],
+                device: torch.device) -> Dict[str, Dict[str, Any]]:
+    """The memory peak of one training step of each task (peak window reset before each; see ``bench_utils``)."""
+    out = {}
+    for name, task in tasks.items():
+        reset_peak_memory(device)
+        step(task, batch)
+        out[name] = peak_memory(device)
+    return out
+
+
+def run(args: argparse.Namespace) -> Dict:
+    """Build the model, both tasks and the batches, time them interleaved; the result dict (nothing printed)."""
     check_batch_size(args.batch_size, args.intra)
     if args.threads > 0:
         torch.set_num_threads(args.threads)
@@ -221,12 +235,25 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
     plain = ClassificationTask(model, criterion=torch.nn.CrossEntropyLoss(), device=device, verbose=False)
     bake = BakeTask(model, omega=args.omega, temperature=args.temp, one_step=args.one_step, device=device,
                     verbose=False)
+    if getattr(args, 'torchcompile', None):
+        plain.compile(backend=args.torchcompile)
+        bake.compile(backend=args.torchcompile)
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9, weight_decay=1e-4)
     batches = class_aware_batches(args, device)
     step = create_step(args, device, optimizer)
-    times, cpu_times = time_interleaved(step, {'plain': plain, 'bake': bake}, batches, args.warmup, args.steps)
+    tasks = {'plain': plain, 'bake': bake}
+    times, cpu_times = time_interleaved(step, tasks, batches, args.warmup, args.steps)
     solve_times, extra_times = time_extra_work(bake, batches[0][0], args, device)
     result = summarise(args, device, times, cpu_times, solve_times, extra_times)
+    result['memory'] = step_memory(step, tasks, batches[0], device)
+    return result
+
+
+def main(argv: Optional[Sequence[str]] = None) -> Dict:
+    args = create_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format='%(message)s')
+    device = torch.device(args.device)
+    result = run(args)
     print_result(args, device, result)
     if args.output:
         with atomic_write(args.output, 'w') as f:

@@ -48,7 +48,7 @@ import struct
 import sys
 import tempfile
 import time
-from typing import Any, Dict, Iterable, Iterator, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -299,25 +299,34 @@ def write_fake_shards(images: BenchImages, out_dir: str, num_samples: int, topk:
     return out_dir
 
 
-def timed_epoch(loader: Iterable, set_epoch: Any, epoch: int) -> Dict[str, float]:
+def timed_epoch(loader: Iterable, set_epoch: Any, epoch: int, consume: Optional[Callable[[Any], None]] = None,
+                finish: Optional[Callable[[], None]] = None) -> Dict[str, float]:
+    """One epoch of ``loader``; ``consume(batch)`` (e.g. a training step) runs on every batch and ``finish()`` (e.g.
+    a device sync) after the last one, inside the timing."""
     if set_epoch is not None:
         set_epoch(epoch)
     n = 0
     t0, c0 = time.perf_counter(), time.process_time()
     for batch in loader:
+        if consume is not None:
+            consume(batch)
         n += int(batch[0].shape[0])
+    if finish is not None:
+        finish()
     dt, cpu = time.perf_counter() - t0, time.process_time() - c0
     return {'samples': n, 'seconds': dt, 'samples_per_s': n / dt, 'cpu_seconds': cpu}
 
 
-def run_rounds(loaders: Dict[str, Tuple[Iterable, Any]], epochs: int) -> Dict[str, List[Dict[str, float]]]:
-    """One untimed warm-up epoch per loader, then ``epochs`` timed rounds, the loaders' order alternating (ABBA)."""
+def run_rounds(loaders: Dict[str, Tuple[Iterable, Any]], epochs: int, consume: Optional[Callable[[Any], None]] = None,
+               finish: Optional[Callable[[], None]] = None) -> Dict[str, List[Dict[str, float]]]:
+    """One untimed warm-up epoch per loader, then ``epochs`` timed rounds, the loaders' order alternating (ABBA);
+    ``consume`` and ``finish`` are passed to :func:`timed_epoch`."""
     runs: Dict[str, List[Dict[str, float]]] = {k: [] for k in loaders}
     names = list(loaders)
     for epoch in range(epochs + 1):
         for name in (names if epoch % 2 == 0 else names[::-1]):
             loader, set_epoch = loaders[name]
-            r = timed_epoch(loader, set_epoch, epoch)
+            r = timed_epoch(loader, set_epoch, epoch, consume, finish)
             tag = 'warm-up' if epoch == 0 else f'epoch {epoch}'
             _logger.info(f'{tag:>8} {name:>10}: {r["samples"]} samples in {r["seconds"]:.2f} s = '
                          f'{r["samples_per_s"]:.0f} samples/s (process CPU {r["cpu_seconds"]:.2f} s)')
@@ -364,8 +373,11 @@ def checks_alone(meta: Dict[str, Any], repeats: int = 5) -> float:
     return best
 
 
-def build_timm_loader(folder: str, num_images: int, spec: AugmentSpec, args) -> Tuple[Any, str]:
-    """timm's loader over the image folder with the shards' augmentation family; (loader, auto_augment string)."""
+def build_timm_loader(folder: str, num_images: int, spec: AugmentSpec, args,
+                      device: str = 'cpu') -> Tuple[Any, str]:
+    """timm's loader over the image folder with the shards' augmentation family; (loader, auto_augment string).
+    On a CUDA ``device`` it is timm's standard fast path: pinned uint8 batches, normalised and erased on the device
+    by timm's prefetcher."""
     timm_ds = ImageDataset(folder)
     if len(timm_ds) != num_images:
         raise RuntimeError(f'image folder {folder} holds {len(timm_ds)} images, expected {num_images}')
@@ -375,19 +387,22 @@ def build_timm_loader(folder: str, num_images: int, spec: AugmentSpec, args) -> 
         timm_ds, input_size=(3, args.img_size, args.img_size), batch_size=args.batch_size, is_training=True,
         scale=tuple(spec.scale), ratio=tuple(spec.ratio), hflip=spec.hflip, color_jitter=0.0,
         auto_augment=auto_augment, re_prob=spec.re_prob, re_mode='const', interpolation='bilinear', mean=MEAN,
-        std=STD, num_workers=args.workers, use_prefetcher=False, device=torch.device('cpu'),
+        std=STD, num_workers=args.workers, use_prefetcher=torch.device(device).type == 'cuda',
+        device=torch.device(device), pin_memory=torch.device(device).type == 'cuda',
         persistent_workers=args.workers > 0)
     return loader, auto_augment
 
 
-def build_rd_loader(rd_dir: str, meta: Dict[str, Any], num_classes: int, args, **variant) -> Any:
-    """The reinforced loader as train.py builds it; ``variant`` sets attributes of its dataset (``tar_members``,
-    ``integrity_checks``: the benchmark switches)."""
+def build_rd_loader(rd_dir: str, meta: Dict[str, Any], num_classes: int, args, device: str = 'cpu',
+                    **variant) -> Any:
+    """The reinforced loader as train.py builds it (batches moved to ``device``, pinned on CUDA); ``variant`` sets
+    attributes of its dataset (``tar_members``, ``integrity_checks``: the benchmark switches)."""
     loader = create_reinforced_loader(
         rd_dir, meta, batch_size=args.batch_size, num_workers=args.workers,
         input_size=(3, args.img_size, args.img_size), mean=MEAN, std=STD, interpolation='bilinear', rd_p=1.0,
         rd_densify='smooth', fallback_transform=None, num_classes=num_classes, seed=args.seed, rank=0,
-        world_size=1, shuffle_buffer=args.shuffle_buffer, device='cpu', pin_memory=False)
+        world_size=1, shuffle_buffer=args.shuffle_buffer, device=device,
+        pin_memory=torch.device(device).type == 'cuda')
     for k, v in variant.items():
         setattr(loader.dataset, k, v)
     return loader

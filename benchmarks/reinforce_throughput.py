@@ -26,14 +26,17 @@ import sys
 import tempfile
 import time
 from contextlib import nullcontext
+from typing import Any, Dict, Optional
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from bench_utils import peak_memory, reset_peak_memory, sync  # noqa: E402
+
 from dr.io import atomic_write, software_versions  # noqa: E402
-from dr.reinforce.augment import create_augment_spec  # noqa: E402
-from dr.reinforce.sources import create_source  # noqa: E402
+from dr.reinforce.augment import AugmentSpec, create_augment_spec  # noqa: E402
+from dr.reinforce.sources import ImageSource, create_source  # noqa: E402
 from dr.reinforce.teachers import create_teacher  # noqa: E402
 from dr.reinforce.writer import AugmentedImages, Reinforcer  # noqa: E402
 
@@ -62,9 +65,67 @@ def create_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == 'cuda':
-        torch.cuda.synchronize(device)
+def measure(source: ImageSource, teacher, spec: AugmentSpec, device: torch.device, *, num_samples: int, topk: int,
+            batch_size: int, workers: int, repeats: int = 2, shard_size: int = 16, num_classes: int = 10,
+            amp_dtype: Optional[torch.dtype] = None, channels_last: bool = False) -> Dict[str, Any]:
+    """Writer vs bare teacher forward on ``source``'s images (repeats alternate, the best of each counts).
+
+    Returns images/s and augmentations/s of both, their ratio, the writer's teacher-busy fraction, the raw seconds and
+    the memory peaks of each side (``bench_utils.peak_memory``; the writer's includes the teacher inputs it keeps for
+    the bare run, given as ``captured_input_bytes``).
+    """
+    amp = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype else nullcontext
+
+    def bare(batches) -> float:
+        sync(device)
+        t0 = time.perf_counter()
+        with torch.inference_mode(), amp():
+            for inputs in batches:
+                probs = teacher.forward_members(inputs)
+                probs.float().topk(topk, dim=-1)
+        sync(device)
+        return time.perf_counter() - t0
+
+    writer_s, bare_s, busy, batches = [], [], [], None
+    writer_mem, bare_mem = None, None
+    for r in range(repeats):
+        out = tempfile.mkdtemp(prefix='rd_bench_')
+        try:
+            writer = Reinforcer(source, teacher, spec, out, num_samples=num_samples, topk=topk, seed=r,
+                                shard_size=shard_size, num_classes=num_classes, batch_size=batch_size,
+                                workers=workers, amp_dtype=amp_dtype, channels_last=channels_last,
+                                device=device, progress=False)
+            writer.batcher.captured = []
+            if batches is None:  # warm up kernels / allocator on one batch so neither side pays for it
+                probe = _probe_item(writer)
+                writer.batcher.run_batch([(probe, probe, 0, 1)])
+                writer.batcher.captured = []
+            batches = None  # free the previous repeat's inputs before this writer run's peak window
+            reset_peak_memory(device)
+            result = writer.run()
+            writer_mem = peak_memory(device)
+            writer_s.append(result['seconds'])
+            busy.append(result['teacher_seconds'] / result['seconds'])
+            batches = writer.batcher.captured
+        finally:
+            shutil.rmtree(out, ignore_errors=True)
+        reset_peak_memory(device)
+        bare_s.append(bare(batches))
+        bare_mem = peak_memory(device)
+    n = len(source)
+    writer_ips, bare_ips = n / min(writer_s), n / min(bare_s)
+    return {
+        'num_images': n, 'num_samples': num_samples, 'batch_size': batch_size, 'workers': workers,
+        'amp_dtype': str(amp_dtype).replace('torch.', '') if amp_dtype else None, 'channels_last': channels_last,
+        'writer_images_per_s': writer_ips, 'bare_forward_images_per_s': bare_ips,
+        'writer_augmentations_per_s': writer_ips * num_samples,
+        'bare_forward_augmentations_per_s': bare_ips * num_samples,
+        'ratio_writer_over_bare': writer_ips / bare_ips,
+        'writer_teacher_busy_fraction': busy[writer_s.index(min(writer_s))],
+        'writer_seconds': writer_s, 'bare_seconds': bare_s,
+        'memory': {'writer': writer_mem, 'bare_forward': bare_mem},
+        'captured_input_bytes': int(sum(t.numel() * t.element_size() for inputs in batches for t in inputs)),
+    }
 
 
 def main(argv=None) -> dict:
@@ -80,50 +141,14 @@ def main(argv=None) -> dict:
         teacher = teacher.to(memory_format=torch.channels_last)
     source = create_source('digits', digits_size=args.digits_size, max_images=args.num_images)
     spec = create_augment_spec(args.aug)
-    amp = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype else nullcontext
-
-    def bare(batches) -> float:
-        _sync(device)
-        t0 = time.perf_counter()
-        with torch.inference_mode(), amp():
-            for inputs in batches:
-                probs = teacher.forward_members(inputs)
-                probs.float().topk(args.topk, dim=-1)
-        _sync(device)
-        return time.perf_counter() - t0
-
-    writer_s, bare_s, busy, batches = [], [], [], None
-    for r in range(args.repeats):
-        out = tempfile.mkdtemp(prefix='rd_bench_')
-        try:
-            writer = Reinforcer(source, teacher, spec, out, num_samples=args.num_samples, topk=args.topk, seed=r,
-                                shard_size=args.shard_size, num_classes=10, batch_size=args.batch_size,
-                                workers=args.workers, amp_dtype=amp_dtype, channels_last=args.channels_last,
-                                device=device, progress=False)
-            writer.batcher.captured = []
-            if batches is None:  # warm up kernels / allocator on one batch so neither side pays for it
-                probe = _probe_item(writer)
-                writer.batcher.run_batch([(probe, probe, 0, 1)])
-                writer.batcher.captured = []
-            result = writer.run()
-            writer_s.append(result['seconds'])
-            busy.append(result['teacher_seconds'] / result['seconds'])
-            batches = writer.batcher.captured
-        finally:
-            shutil.rmtree(out, ignore_errors=True)
-        bare_s.append(bare(batches))
-    n = args.num_images
-    writer_ips, bare_ips = n / min(writer_s), n / min(bare_s)
+    m = measure(source, teacher, spec, device, num_samples=args.num_samples, topk=args.topk,
+                batch_size=args.batch_size, workers=args.workers, repeats=args.repeats, shard_size=args.shard_size,
+                num_classes=10, amp_dtype=amp_dtype, channels_last=args.channels_last)
+    n, writer_ips, bare_ips = m['num_images'], m['writer_images_per_s'], m['bare_forward_images_per_s']
     res = {
         'device': str(device) if device.type == 'cpu' else torch.cuda.get_device_name(device),
         'teacher': args.teacher, 'img_size': args.img_size, 'digits_size': args.digits_size,
-        'num_images': n, 'num_samples': args.num_samples, 'batch_size': args.batch_size, 'workers': args.workers,
-        'amp': args.amp, 'channels_last': args.channels_last,
-        'writer_images_per_s': writer_ips, 'bare_forward_images_per_s': bare_ips,
-        'writer_augmentations_per_s': writer_ips * args.num_samples,
-        'ratio_writer_over_bare': writer_ips / bare_ips,
-        'writer_teacher_busy_fraction': busy[writer_s.index(min(writer_s))],
-        'writer_seconds': writer_s, 'bare_seconds': bare_s, 'versions': software_versions(),
+        'amp': args.amp, **m, 'versions': software_versions(),
     }
     print(f'device {res["device"]}: teacher {" ".join(args.teacher)} @ {args.img_size}px, {n} images x '
           f'{args.num_samples} augmentations, batch {args.batch_size}, {args.workers} workers')

@@ -51,6 +51,8 @@ def create_parser() -> argparse.ArgumentParser:
     parser.add_argument('--images', type=int, default=512, help='images per pass (from the digits train split)')
     parser.add_argument('--device', default='cpu')
     parser.add_argument('--amp', action='store_true')
+    parser.add_argument('--amp-dtype', default='', choices=('', 'float16', 'bfloat16'),
+                        help='autocast dtype (default: bfloat16 on CPU, float16 on CUDA)')
     parser.add_argument('--channels-last', action='store_true')
     parser.add_argument('--threads', type=int, default=0, help='torch intra-op threads (0: torch default)')
     parser.add_argument('--json', default='', help='also write the numbers here')
@@ -66,8 +68,9 @@ def build_loops(args: argparse.Namespace, device: torch.device) -> Tuple[Callabl
     if args.channels_last:
         model.to(memory_format=torch.channels_last)
     net = NormalizedModel(model, cfg['mean'], cfg['std'], channels_last=args.channels_last).eval().to(device)
-    autocast = (functools.partial(torch.autocast, device_type=device.type, dtype=torch.bfloat16 if
-                                  device.type == 'cpu' else torch.float16) if args.amp else contextlib.nullcontext)
+    amp_dtype = getattr(args, 'amp_dtype', '') or ('bfloat16' if device.type == 'cpu' else 'float16')
+    autocast = (functools.partial(torch.autocast, device_type=device.type, dtype=getattr(torch, amp_dtype))
+                if args.amp else contextlib.nullcontext)
     # the digits train split as the image source (1438 images), classes 0-9
     digits = DigitsDataset('train', img_size=args.img_size)
     digits.images, digits.targets = digits.images[:args.images], digits.targets[:args.images]
