@@ -33,6 +33,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/loader_throughput.py
 	$(PY) benchmarks/mixing_throughput.py
 	$(PY) benchmarks/validate_throughput.py
+	$(PY) benchmarks/train_epoch_cost.py --data digits photos
 
 # on a machine with a GPU: every GPU figure in one run (~8 min), written to benchmarks/results/<device-name>.{json,md}
 bench-gpu: $(STAMP)

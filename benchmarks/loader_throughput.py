@@ -18,9 +18,10 @@ The shards are written here from the embedded digits with fake teacher records o
 (``--num-samples``/``--topk``; record bytes, not their values, matter for speed) unless ``--reinforced`` names a
 ``reinforce.py`` output of the digits (then ``--digits-size`` must match it).
 
-``--compare-tar-readers`` instead times the reinforced loader twice over the same shards: with its tar reader
-(WebDataset's ``tariterators``, Python's ``tarfile`` in stream mode, plus the per-shard sample-count checks) and with
-the hand-written tar parser it used before (``handwritten_tar_members`` below); epochs alternate in ABBA order and the
+``--compare-tar-readers`` instead times the reinforced loader twice over the same shards: with WebDataset's
+``tariterators`` (Python's ``tarfile`` in stream mode; ``dr.reinforce.loader.webdataset_tar_members``) and with the
+loader's own reader (``dr.reinforce.tar_reader``), both with the per-shard sample-count checks; epochs alternate in
+ABBA order and the
 ratio is also given as the median of the per-round ratios (with ``-j 0`` also of the process CPU time per sample,
 which other jobs on the machine disturb less).
 
@@ -44,11 +45,10 @@ import json
 import logging
 import os
 import statistics
-import struct
 import sys
 import tempfile
 import time
-from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -60,7 +60,13 @@ from dr.data import DigitsDataset  # noqa: E402
 from dr.io import atomic_write, sha256_file, software_versions  # noqa: E402
 from dr.reinforce.augment import AugmentSpec, create_augment_spec, sample_mix_records, sample_records  # noqa: E402
 from dr.reinforce.format import SCHEMA_VERSION, build_shard, encode_records, record_dtype, shard_name  # noqa: E402
-from dr.reinforce.loader import SampleDecoder, _ShardReader, check_reinforced, create_reinforced_loader  # noqa: E402
+from dr.reinforce.loader import (  # noqa: E402
+    SampleDecoder,
+    _ShardReader,
+    check_reinforced,
+    create_reinforced_loader,
+    webdataset_tar_members,
+)
 from dr.reinforce.writer import ShardPlan  # noqa: E402
 
 _logger = logging.getLogger('loader_throughput')
@@ -100,116 +106,6 @@ def create_parser() -> argparse.ArgumentParser:
     parser.add_argument('--compare-tar-readers', action='store_true',
                         help='time the reinforced loader with WebDataset\'s tar reader vs a hand-written one')
     return parser
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# the challenger of --compare-tar-readers: the hand-written tar reader the loader used until the measurement
-# in docs/benchmarks.md showed it does not pay for itself (same semantics as dr.reinforce.loader.tar_members)
-
-_BLOCK = 512
-_ZERO_BLOCK = bytes(_BLOCK)
-
-
-class TarFormatError(ValueError):
-    """A tar stream that is truncated or whose headers do not check out."""
-
-
-def _tar_number(field: bytes, what: str, offset: int) -> int:
-    text = field.replace(b'\0', b' ').strip()
-    if not text:
-        return 0
-    if field[0] & 0x80:  # GNU base-256 (members > 8 GiB): not produced by reinforce.py
-        raise TarFormatError(f'unsupported base-256 {what} in the header at byte {offset}')
-    try:
-        return int(text, 8)
-    except ValueError:
-        raise TarFormatError(f'garbled {what} field {field!r} in the header at byte {offset}') from None
-
-
-def _pax_path(data: bytes) -> Optional[bytes]:
-    """The ``path`` record of a pax extended header (``"<len> path=<value>\\n"`` records)."""
-    pos = 0
-    while pos < len(data):
-        space = data.find(b' ', pos)
-        if space < 0:
-            break
-        length = int(data[pos:space])
-        key, _, value = data[space + 1:pos + length - 1].partition(b'=')
-        if key == b'path':
-            return value
-        pos += length
-    return None
-
-
-def handwritten_tar_members(stream: Any, skip_samples: int = 0) -> Iterator[Tuple[str, bytes]]:
-    """``(name, data)`` of the regular files of a tar stream, in order.
-
-    The hand-written reader ``dr.reinforce.loader`` used before WebDataset's (kept here as the challenger of
-    ``--compare-tar-readers``): ustar/pax/GNU headers with verified checksums, ~3x less Python work per member than
-    ``tarfile``; the members of the first ``skip_samples`` samples are passed over (``seek`` where possible).
-
-    Raises:
-        TarFormatError: truncated or corrupted archive (the message gives the byte offset).
-    """
-    offset = 0
-    long_name: Optional[bytes] = None
-    pax_name: Optional[bytes] = None
-    seekable = bool(getattr(stream, 'seekable', lambda: False)())
-    key, samples_seen = None, 0
-    while True:
-        header = stream.read(_BLOCK)
-        if not header:
-            return  # end of data without the end-of-archive blocks: the caller's sample count decides
-        if len(header) < _BLOCK:
-            raise TarFormatError(f'truncated header at byte {offset}')
-        if header == _ZERO_BLOCK:
-            return
-        stored = _tar_number(header[148:156], 'checksum', offset)
-        unsigned = sum(header) - sum(header[148:156]) + 8 * 32
-        signed = sum(struct.unpack_from('148b8x356b', header)) + 8 * 32
-        if stored not in (unsigned, signed):
-            raise TarFormatError(f'header checksum mismatch at byte {offset} (corrupted shard)')
-        size = _tar_number(header[124:136], 'size', offset)
-        typeflag = header[156:157]
-        name = header[:100].split(b'\0', 1)[0]
-        if header[257:262] == b'ustar':
-            prefix = header[345:500].split(b'\0', 1)[0]
-            if prefix:
-                name = prefix + b'/' + name
-        padded = (size + _BLOCK - 1) // _BLOCK * _BLOCK
-        offset += _BLOCK
-        regular = typeflag in (b'0', b'\0', b'7')
-        if regular:
-            name = long_name or pax_name or name
-            long_name = pax_name = None
-            member_key = name.rsplit(b'/', 1)[-1].split(b'.', 1)[0]
-            if member_key != key:
-                if key is not None:
-                    samples_seen += 1
-                key = member_key
-        if regular and samples_seen < skip_samples:
-            if seekable:
-                stream.seek(padded, os.SEEK_CUR)
-            else:
-                _read_exactly(stream, padded, offset, name)
-            offset += padded
-            continue
-        data = _read_exactly(stream, padded, offset, name)
-        offset += padded
-        if typeflag == b'L':
-            long_name = data[:size].rstrip(b'\0')
-        elif typeflag == b'x':
-            pax_name = _pax_path(data[:size])
-        elif regular:
-            yield name.decode('utf-8', 'replace'), data[:size]
-
-
-def _read_exactly(stream: Any, n: int, offset: int, name: bytes) -> bytes:
-    data = stream.read(n)
-    if len(data) < n:
-        raise TarFormatError(f'member {name.decode("utf-8", "replace")} truncated at byte {offset + len(data)} '
-                             f'({n - len(data)} bytes missing)')
-    return data
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -431,9 +327,9 @@ def main(argv: List[str] = None) -> Dict[str, Any]:
                    candidate: build_rd_loader(rd_dir, meta, num_classes, args)}
         loaders = {k: (v, v.set_epoch) for k, v in loaders.items()}
     elif args.compare_tar_readers:
-        baseline, candidate, target = 'webdataset', 'handwritten', '>= 1.10 would justify a hand-written reader'
-        loaders = {baseline: build_rd_loader(rd_dir, meta, num_classes, args),
-                   candidate: build_rd_loader(rd_dir, meta, num_classes, args, tar_members=handwritten_tar_members)}
+        baseline, candidate, target = 'webdataset', 'dr', '>= 1.10 justifies dr.reinforce.tar_reader'
+        loaders = {baseline: build_rd_loader(rd_dir, meta, num_classes, args, tar_members=webdataset_tar_members),
+                   candidate: build_rd_loader(rd_dir, meta, num_classes, args)}
         loaders = {k: (v, v.set_epoch) for k, v in loaders.items()}
     else:
         baseline, candidate, target = 'timm', 'reinforced', '>= 1.0'
