@@ -262,6 +262,9 @@ def create_parser() -> Tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     group.add_argument('--rd-pad-last', action='store_true', default=False,
                        help='pad the last batch of an epoch by wrapping around, so every image is seen every epoch '
                             '(default: drop the partial batch, as timm\'s training loaders do)')
+    group.add_argument('--replay-device', default='', choices=('', 'cpu', 'cuda'),
+                       help='replay the stored augmentations batched with tensors on this device in the main process '
+                            '(workers only read and check shards); default: PIL in the workers (docs/reinforce.md)')
     group.add_argument('--kd-teacher', type=str, nargs='+', default=None, metavar='NAME[=CKPT]',
                        help='online knowledge distillation from this teacher (ensemble) (Fig. 1 baseline)')
     group.add_argument('--kd-weight', type=float, default=1.0, help='distillation loss weight (default: 1.0)')
@@ -321,6 +324,10 @@ def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
         parser.error('--shuffle-bn and --bake-random-walk are BAKE options: add --bake')
     if args.shuffle_bn and args.sync_bn:
         parser.error('--shuffle-bn and --sync-bn are alternatives (BAKE Table 15); pass one')
+    if args.replay_device and not args.reinforced:
+        parser.error('--replay-device needs --reinforced (it replays the stored augmentations)')
+    if args.replay_device == 'cuda' and not __import__('torch').cuda.is_available():  # torch only when asked
+        parser.error('--replay-device cuda: CUDA is not available on this machine (use --replay-device cpu)')
     if args.reinforced and args.kd_teacher:
         parser.error('--reinforced and --kd-teacher are alternatives; pass one')
     if args.reinforced and (args.mixup > 0 or args.cutmix > 0 or args.cutmix_minmax is not None):
@@ -749,7 +756,7 @@ def create_train_eval_loaders(args: argparse.Namespace, train_ds, val_ds, data_c
             rd_p=args.rd_p, rd_densify=args.rd_densify, fallback_transform=train_transform,
             num_classes=args.num_classes, seed=args.seed, rank=args.rank, world_size=args.world_size,
             shuffle_buffer=args.rd_shuffle_buffer, device=device, pin_memory=args.pin_mem,
-            drop_last=not args.rd_pad_last)
+            drop_last=not args.rd_pad_last, replay_device=args.replay_device)
     elif isinstance(train_ds, torch.utils.data.IterableDataset):
         if args.sampler_intra > 0:
             raise ValueError(f'class-aware sampling (--bake / --class-aware-intra) needs a map-style dataset with '
