@@ -28,6 +28,10 @@ Epoch semantics (``create_reinforced_loader``):
   ``normalize_uint8`` and the stored erase box per batch (bit-identical to ``apply_record``, tested). Targets are
   ``dr.reinforce.format.densify`` of the stored top-k; samples that do not use a stored reinforcement get their one-hot
   label.
+* With ``replay_device`` ('cpu'/'cuda', ``train.py --replay-device``) the workers do all of the above except the
+  pixel replay and hand encoded images + the chosen records to the main process, which replays each batch with
+  tensors on that device (``dr.reinforce.device_replay``): the same samples, targets and order, pixels within the
+  bounds of ``tests/reinforce/test_device_replay.py``.
 
 A shard that cannot be read (truncated, tampered header, undecodable record or image, missing member, fewer or more
 samples than ``reinforce.json`` lists), a schema-2 sample whose checksum fails (a modified byte, label or class id; a

@@ -267,6 +267,31 @@ def test_device_replay_of_the_mldr_fixture(variant):
         assert float(d.max()) <= RESAMPLE_BOUND + 1e-3
 
 
+@needs_fixture
+@pytest.mark.skipif(not torch.cuda.is_available(), reason='needs CUDA (no GPU on this machine)')
+def test_cuda_replay_matches_the_cpu_device_replay():
+    """The same pipeline on CUDA (nvJPEG for JPEGs, torch's CUDA kernels) against the CPU device replay."""
+    cfg, samples, recs = _convert('rrc_ra_re_mix')
+    data = [open(p, 'rb').read() for p, _ in samples]
+    jpegs = []
+    for b in data:
+        buf = io.BytesIO()
+        Image.open(io.BytesIO(b)).convert('RGB').save(buf, format='JPEG', quality=95)
+        jpegs.append(buf.getvalue())
+    records = np.stack([recs[i][k] for i in sorted(recs) for k in range(len(recs[i]))])
+    owner = np.repeat(sorted(recs), [len(recs[i]) for i in sorted(recs)])
+    for blobs, ext in ((data, 'png'), (jpegs, 'jpg')):
+        partners = [(ext, blobs[int(r['mix_ref'])]) if needs_partner(r) else None for r in records]
+        args = ([blobs[i] for i in owner], [ext] * len(owner), records, cfg.spec, cfg.out_size, cfg.mean, cfg.std)
+        cpu = D.replay_bytes(*args, partners=partners, device='cpu')
+        gpu = D.replay_bytes(*args, partners=partners, device='cuda').cpu()
+        d = torch.stack([_levels(a, b, cfg.std) for a, b in zip(cpu, gpu)])
+        share = float((d > RESAMPLE_BOUND + 1e-3).float().mean())
+        print(f'cuda vs cpu ({ext}): max {float(d.max()):.2f}/255, mean {float(d.mean()):.4f}/255, share {share:.5f}')
+        # nvJPEG and libjpeg decode JPEGs a little differently: a looser share for them
+        assert share <= (RA_SHARE_BOUND if ext == 'png' else 0.05) and float(d.mean()) <= (RA_MEAN_BOUND * 5)
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # the loader
 
