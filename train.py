@@ -399,6 +399,9 @@ def create_parser() -> Tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     group.add_argument('--rd-pad-last', action='store_true', default=False,
                        help='pad the last batch of an epoch by wrapping around, so every image is seen every epoch '
                             '(default: drop the partial batch, as timm\'s training loaders do)')
+    group.add_argument('--replay-device', default='', choices=('', 'cpu', 'cuda'),
+                       help='replay the stored augmentations batched with tensors on this device in the main process '
+                            '(workers only read and check shards); default: PIL in the workers (docs/reinforce.md)')
 
     group = parser.add_argument_group('Knowledge distillation parameters')
     group.add_argument('--kd-model-name', default=None, type=str, metavar='NAME[=CKPT]',
@@ -527,6 +530,10 @@ def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
         parser.error('--shuffle-bn and --bake-random-walk are BAKE options: add --bake')
     if args.shuffle_bn and args.sync_bn:
         parser.error('--shuffle-bn and --sync-bn are alternatives (BAKE Table 15); pass one')
+    if args.replay_device and not args.reinforced:
+        parser.error('--replay-device needs --reinforced (it replays the stored augmentations)')
+    if args.replay_device == 'cuda' and not __import__('torch').cuda.is_available():  # torch only when asked
+        parser.error('--replay-device cuda: CUDA is not available on this machine (use --replay-device cpu)')
     if args.reinforced and args.kd_teacher:
         parser.error('--reinforced and --kd-teacher are alternatives; pass one')
     if args.reinforced and (args.mixup > 0 or args.cutmix > 0 or args.cutmix_minmax is not None):
@@ -1116,7 +1123,7 @@ def create_train_eval_loaders(args: argparse.Namespace, train_ds, val_ds, data_c
             rd_p=args.rd_p, rd_densify=args.rd_densify, fallback_transform=train_transform,
             num_classes=args.num_classes, seed=args.seed, rank=args.rank, world_size=args.world_size,
             shuffle_buffer=args.rd_shuffle_buffer, device=device, pin_memory=args.pin_mem,
-            drop_last=not args.rd_pad_last)
+            drop_last=not args.rd_pad_last, replay_device=args.replay_device)
     elif args.naflex_loader:
         train_loader = create_naflex_loader(train_ds, **_naflex_kwargs(args, model_patch_size), is_training=True,
                                             train_seq_lens=args.naflex_train_seq_lens, re_split=args.resplit,

@@ -28,6 +28,10 @@ Epoch semantics (``create_reinforced_loader``):
   ``normalize_uint8`` and the stored erase box per batch (bit-identical to ``apply_record``, tested). Targets are
   ``dr.reinforce.format.densify`` of the stored top-k; samples that do not use a stored reinforcement get their one-hot
   label.
+* With ``replay_device`` ('cpu'/'cuda', ``train.py --replay-device``) the workers do all of the above except the
+  pixel replay and hand encoded images + the chosen records to the main process, which replays each batch with
+  tensors on that device (``dr.reinforce.device_replay``): the same samples, targets and order, pixels within the
+  bounds of ``tests/reinforce/test_device_replay.py``.
 
 A shard that cannot be read (truncated, tampered header, undecodable record or image, missing member, fewer or more
 samples than ``reinforce.json`` lists), a schema-2 sample whose checksum fails (a modified byte, label or class id; a
@@ -56,6 +60,7 @@ from webdataset.shardlists import expand_urls
 from webdataset.tariterators import group_by_keys, tar_file_iterator
 
 from ..io import sha256_file
+from . import device_replay
 from .augment import AugmentSpec, apply_record_pil, erase_fill, mix_, needs_partner, partner_fields, re_pixel_box
 from .format import (
     CHECKSUMS_MEMBER,
@@ -770,6 +775,7 @@ class ReinforcedShards(torch.utils.data.IterableDataset):
             where_flag: str = '--reinforced',
             drop_last: bool = False,
             decoded_cache_bytes: int = DEFAULT_DECODED_CACHE_BYTES,
+            replay_device: Optional[str] = None,
     ):
         super().__init__()
         self.shards = list(shards)
@@ -807,6 +813,10 @@ class ReinforcedShards(torch.utils.data.IterableDataset):
         self._partners = PartnerImages(meta, where_flag) if self.spec.has_mix else None
         self._decoded = DecodedImages(decoded_cache_bytes) if self.spec.has_mix else None
         self._shard_starts = dict(zip(self._partners.names, self._partners.starts)) if self._partners else {}
+        # 'cpu'/'cuda': the workers hand encoded images + records to the main process (``dr.reinforce.device_replay``)
+        self.replay_device = device_replay.check_replay_device(replay_device)
+        if self.replay_device:
+            self._decoded = None
 
     def set_epoch(self, epoch: int) -> None:
         self._epoch.value = int(epoch)
@@ -911,9 +921,36 @@ class ReinforcedShards(torch.utils.data.IterableDataset):
             partner = self._partner(record, sample, index, (h, w))
         return 'rd', np.asarray(out), label, record['ids'], record['probs'], erase, partner
 
+    def _process_raw(self, sample: Dict[str, Any]) -> Tuple[Any, ...]:
+        """:meth:`_process` for the device replay: the same checks and draws, but the stored augmentation is not
+        replayed: ('raw', ext, image bytes, label, record, partner (ext, bytes) or None, where) or the fallback row."""
+        ext = next((k for k in sample if k in IMAGE_EXTS), None)
+        header = device_replay.image_header(sample[ext]) if ext else None
+        img, label, records = self._decoder(sample, image=header)
+        u, index, fallback_seed = sample_draws(self.seed, self.epoch, sample['__pass__'], sample['__key__'],
+                                               len(records))
+        if u >= self.rd_p:
+            return self._fallback(_open_image(sample[ext], ext), label, fallback_seed)
+        record = records[index]
+        self._decoder.check_record(record, img, sample, index)
+        partner = None
+        if self._partners is not None and needs_partner(record):
+            position = int(record['mix_ref'])
+            try:
+                key, p_ext, data = self._partners.get(position)
+                p_header = device_replay.image_header(data) or _open_image(data, p_ext)
+            except Exception as e:
+                raise ReinforcedDataError(f'{self._decoder.where(sample)}: stored augmentation {index}: cannot read '
+                                          f'its partner image {position} ({type(e).__name__}: {e})') from e
+            self._decoder.check_partner(record, p_header, sample, index, key)
+            partner = (p_ext, data)
+        return 'raw', ext, sample[ext], label, record.copy(), partner, self._decoder.where(sample)
+
     def _process(self, sample: Dict[str, Any]) -> Tuple[Any, ...]:
         """One sample: ('rd', uint8 HxWx3 replay, label, ids, probs, erase box, partner or None) or ('fb', tensor,
         label); the partner of a mixing augmentation is (uint8 replay, erase box, record)."""
+        if self.replay_device:
+            return self._process_raw(sample)
         if self._decoded is None:
             img, label, records = self._decoder(sample)
         else:  # +mix: the image may have been decoded as a partner already, and may be one soon
@@ -927,6 +964,9 @@ class ReinforcedShards(torch.utils.data.IterableDataset):
                                                len(records))
         if u < self.rd_p:
             return self._replay(sample, img, label, records, index)
+        return self._fallback(img, label, fallback_seed)
+
+    def _fallback(self, img: Image.Image, label: int, fallback_seed: int) -> Tuple[Any, ...]:
         # the fallback transform draws from the global RNGs: seeded per (seed, epoch, key) for reproducibility
         with _seeded_global_rngs(fallback_seed):
             x = self.fallback_transform(img)
@@ -953,7 +993,10 @@ class ReinforcedShards(torch.utils.data.IterableDataset):
     def collate(self, samples: List[Tuple[Any, ...]]) -> Tuple[torch.Tensor, ...]:
         """Stack a batch; replays are normalised batch-wise (the same float ops as ``augment.apply_record``, then the
         stored erase box is filled and a mixing sample is mixed with its partner) and their targets densified in one
-        call: the target of a mixed sample is the teacher output stored for the mixed image, not a mix of labels."""
+        call: the target of a mixed sample is the teacher output stored for the mixed image, not a mix of labels.
+        With ``replay_device``: a :class:`device_replay.RawBatch` (replayed by :class:`ReinforcedLoader`)."""
+        if self.replay_device:
+            return device_replay.collate_raw(samples, self.input_size, self.num_classes, self.rd_densify)
         n = len(samples)
         c, h, w = self.input_size
         labels = torch.tensor([s[2] for s in samples], dtype=torch.int64)
@@ -1028,8 +1071,16 @@ class ReinforcedLoader:
     def __iter__(self) -> Iterator[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         non_blocking = self.pin_memory
         iterator = iter(self.loader)
+        ds = self.dataset
         try:
-            for x, target, labels in iterator:
+            for batch in iterator:
+                if ds.replay_device:  # the pixels of the stored augmentations are replayed here, on the device
+                    on = self.device if self.device.type == ds.replay_device else torch.device(ds.replay_device)
+                    out = device_replay.replay_batch(batch, ds.spec, ds.input_size, ds.mean, ds.std,
+                                                     ds.interpolation, on)
+                    yield tuple(t.to(self.device) for t in out)
+                    continue
+                x, target, labels = batch
                 yield (x.to(self.device, non_blocking=non_blocking),
                        target.to(self.device, non_blocking=non_blocking),
                        labels.to(self.device, non_blocking=non_blocking))
@@ -1066,6 +1117,7 @@ def create_reinforced_loader(
         pin_memory: bool = False,
         where_flag: str = '--reinforced',
         drop_last: bool = False,
+        replay_device: Optional[str] = None,
 ) -> ReinforcedLoader:
     """The training loader over reinforced shards (see the module docstring for the epoch semantics).
 
@@ -1094,6 +1146,9 @@ def create_reinforced_loader(
         drop_last: timm's epoch length, ``floor(num_images / (world_size * batch_size))`` full batches (train.py's
             default); False: ``ceil`` of it, the last batches padded by wrapping around so every image is seen
             every epoch (``--rd-pad-last``).
+        replay_device: None/'': the stored augmentations are replayed with PIL in the workers; 'cpu'/'cuda': the
+            workers read and check, the main process replays each batch with tensors on that device
+            (``dr.reinforce.device_replay``; ``--replay-device``).
     """
     if not 0.0 <= rd_p <= 1.0:
         raise ValueError(f'--rd-p must be in [0, 1], got {rd_p}')
@@ -1116,7 +1171,7 @@ def create_reinforced_loader(
         rd_p=rd_p, rd_densify=rd_densify, fallback_transform=fallback_transform,
         num_classes=int(num_classes if num_classes is not None else meta['num_classes']), seed=seed, rank=rank,
         world_size=world_size, num_workers=num_workers, shuffle_buffer=shuffle_buffer, mix_shards=mix_shards,
-        where_flag=where_flag, drop_last=drop_last)
+        where_flag=where_flag, drop_last=drop_last, replay_device=replay_device)
     n = dataset.num_images
     used = world_size * len(dataset) * batch_size
     rest = f'{used - n} padding samples' if used >= n else f'{n - used} images past the last full batch'
