@@ -367,9 +367,8 @@ def section_loader(ctx: Context, rec: Recorder) -> None:
     resident = (torch.randn(s.student_batch, 3, s.student_img, s.student_img, device=device),
                 torch.randint(0, s.image_classes, (s.student_batch,), device=device))
     # The loader variants fed to the same training step. One entry per variant: (name, build() -> (loader,
-    # set_epoch)). The reinforced loader's device-side replay goes here as one more entry once
-    # create_reinforced_loader has replay_device (another branch), e.g. ('reinforced_device', lambda:
-    # _rd(replay_device=ctx.device)).
+    # set_epoch)): the step alone on a resident batch, timm's loader, the reinforced loader replaying with PIL in the
+    # workers, and replaying on the device (train.py --replay-device: nvJPEG decode + tensor ops on CUDA).
     def _timm():
         loader, _ = loader_throughput.build_timm_loader(folder, meta['num_images'], spec, args, device=ctx.device)
         return loader, getattr(loader.sampler, 'set_epoch', None)
@@ -383,6 +382,7 @@ def section_loader(ctx: Context, rec: Recorder) -> None:
         ('step_only', lambda: (ResidentBatches(resident, steps_per_epoch), None)),
         ('timm', _timm),
         ('reinforced_pil', _rd),
+        ('reinforced_device', lambda: _rd(replay_device=device.type)),
     ]
     loaders: Dict[str, Tuple[Any, Any]] = {}
     for name, build in variants:

@@ -290,15 +290,16 @@ def build_timm_loader(folder: str, num_images: int, spec: AugmentSpec, args,
 
 
 def build_rd_loader(rd_dir: str, meta: Dict[str, Any], num_classes: int, args, device: str = 'cpu',
-                    **variant) -> Any:
-    """The reinforced loader as train.py builds it (batches moved to ``device``, pinned on CUDA); ``variant`` sets
-    attributes of its dataset (``tar_members``, ``integrity_checks``: the benchmark switches)."""
+                    replay_device: Optional[str] = None, **variant) -> Any:
+    """The reinforced loader as train.py builds it (batches moved to ``device``, pinned on CUDA; ``replay_device``:
+    ``train.py --replay-device``); ``variant`` sets attributes of its dataset (``tar_members``,
+    ``integrity_checks``: the benchmark switches)."""
     loader = create_reinforced_loader(
         rd_dir, meta, batch_size=args.batch_size, num_workers=args.workers,
         input_size=(3, args.img_size, args.img_size), mean=MEAN, std=STD, interpolation='bilinear', rd_p=1.0,
         rd_densify='smooth', fallback_transform=None, num_classes=num_classes, seed=args.seed, rank=0,
         world_size=1, shuffle_buffer=args.shuffle_buffer, device=device,
-        pin_memory=torch.device(device).type == 'cuda')
+        pin_memory=torch.device(device).type == 'cuda', replay_device=replay_device)
     for k, v in variant.items():
         setattr(loader.dataset, k, v)
     return loader

@@ -80,7 +80,7 @@ def test_smoke_records_every_section_with_numbers(smoke):
     assert prep['images'] == result['data']['images']['num_images']
     for name in ('feeding_train_step', 'loaders_alone'):
         m = variant('loader', name)['metrics']
-        assert set(m['samples_per_s']) >= {'timm', 'reinforced_pil'}
+        assert set(m['samples_per_s']) >= {'timm', 'reinforced_pil', 'reinforced_device'}
         assert all(_positive(x) for x in m['samples_per_s'].values())
         assert _positive(m['ratios']['reinforced_pil_over_timm'])
         # every timed epoch delivered the whole dataset in full batches
