@@ -32,6 +32,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from dr import config as dr_config
 from dr.io import atomic_write, software_versions, truncate_summary
+from dr.methods.options import add_method_args, check_method_args
 from dr.wandb_logger import init_wandb, log_epoch
 
 _logger = logging.getLogger('train')
@@ -432,6 +433,8 @@ def create_parser() -> Tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
                        help='teacher input resolution (default: the data config stored in a train.py checkpoint, '
                             'else the teacher\'s pretrained config)')
 
+    add_method_args(parser)
+
     group = parser.add_argument_group('NaFlex loader parameters')
     group.add_argument('--naflex-loader', action='store_true', default=False,
                        help="timm's NaFlex loader (variable resolution/aspect sequences; a NaFlex ViT model)")
@@ -524,6 +527,7 @@ def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
         args.kd_teacher = [args.kd_model_name]
     _resolve_sampling(parser, args)
     _check_timm_args(parser, args)
+    check_method_args(parser, args)
     if args.bake and (args.reinforced or args.kd_teacher):
         parser.error('--bake cannot be combined with --reinforced or --kd-teacher')
     if (args.shuffle_bn or args.bake_random_walk) and not args.bake:
@@ -806,7 +810,10 @@ def create_criterion(args: argparse.Namespace, mixup_active: bool) -> nn.Module:
 
 def create_task(args: argparse.Namespace, model: nn.Module, criterion: nn.Module, device: torch.device,
                 rd_meta: Optional[Dict[str, Any]] = None) -> nn.Module:
-    """The timm training task for the chosen mode (BAKE, reinforced data, online KD or plain)."""
+    """The timm training task for the chosen mode (BAKE, reinforced data, a competing method, online KD or plain)."""
+    if args.method:
+        from dr.methods import create_method_task
+        return create_method_task(args, model, criterion, device)
     if args.bake:
         return BakeTask(
             model, criterion=criterion, omega=args.bake_omega, temperature=args.bake_temp, weight=args.bake_weight,
