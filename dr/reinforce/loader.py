@@ -67,6 +67,7 @@ from .format import (
     FLAG_ERASE,
     IMAGE_EXTS,
     LABEL_EXT,
+    LABEL_MAP_KIND,
     META_NAME,
     PROB_SUM_TOL,
     READABLE_SCHEMA_VERSIONS,
@@ -251,6 +252,9 @@ def check_reinforced(
     if meta.get('schema_version') not in READABLE_SCHEMA_VERSIONS:  # load_meta checks too (metadata passed around)
         raise ValueError(f'{where_flag}: {meta_path}: unsupported schema_version {meta.get("schema_version")!r} '
                          f'(this code reads {", ".join(map(str, READABLE_SCHEMA_VERSIONS))})')
+    if meta.get('kind') == LABEL_MAP_KIND:  # ReLabel-style label maps: dr.reinforce.label_map_loader
+        from .label_map_loader import check_label_maps
+        return check_label_maps(meta, shard_urls, num_classes, where_flag)
     problems = meta_problems(meta)
     if problems:
         raise ValueError(f'{where_flag}: ' + '; '.join(problems[:3]) + ' (edited after writing? '
@@ -1166,7 +1170,11 @@ def create_reinforced_loader(
         raise ValueError(f'{where_flag}: {meta.get("_path", META_NAME)} has num_classes={meta["num_classes"]} but '
                          f'the model is built with {num_classes} classes (--num-classes)')
     shards = _shard_table(meta['_urls'], meta, where_flag)
-    dataset = ReinforcedShards(
+    if meta.get('kind') == LABEL_MAP_KIND:
+        from .label_map_loader import LabelMapShards as dataset_class
+    else:
+        dataset_class = ReinforcedShards
+    dataset = dataset_class(
         shards, meta, batch_size=batch_size, input_size=input_size, mean=mean, std=std, interpolation=interpolation,
         rd_p=rd_p, rd_densify=rd_densify, fallback_transform=fallback_transform,
         num_classes=int(num_classes if num_classes is not None else meta['num_classes']), seed=seed, rank=rank,
