@@ -10,10 +10,11 @@ import logging
 from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
+
 from .augment import apply_record_pil, sample_records
 from .format import LABEL_MAP_FIELDS, META_NAME, decode_records, record_dtype
 from .label_maps import DEFAULT_FILL, check_label_map_records, map_size, pool_target
-from .loader import ReinforcedDataError, ReinforcedShards, SampleDecoder, _ShardReader, _shard_table, sample_draws
+from .loader import ReinforcedDataError, ReinforcedShards, SampleDecoder, _shard_table, _ShardReader, sample_draws
 from .verify import meta_problems
 
 _logger = logging.getLogger(__name__)
