@@ -212,8 +212,11 @@ def run_import(args, args_text: str) -> int:
 
 
 def run_show(args) -> int:
-    shown = show_samples(args.show, args.images, args.samples)
     meta = load_meta(args.show)
+    if meta.get('kind') == 'label_maps':
+        raise ValueError(f'--show {args.show}: the directory holds label maps, not stored augmentations (nothing to '
+                         f'replay; --stats summarises them)')
+    shown = show_samples(args.show, args.images, args.samples)
     for key, item in shown.items():
         names = meta.get('class_names') or []
         top = ', '.join(f'{names[int(i)] if int(i) < len(names) else int(i)} {float(p):.3f}'

@@ -490,3 +490,30 @@ def iter_shard(fileobj_or_path: Union[str, io.IOBase], where: str) -> Iterator[D
     done = finish(current)
     if done is not None:
         yield done
+
+
+def iter_listed_samples(directory: str, meta: Dict[str, Any]) -> Iterator[tuple]:
+    """``(shard entry, sample, where)`` of every sample of the shards ``reinforce.json`` lists, in order (``sample`` as
+    :func:`iter_shard` yields it, its label checked against ``num_classes``).
+
+    Raises:
+        FileNotFoundError: a listed shard is missing.
+        ValueError: naming shard and key of an unreadable sample or a label out of range.
+    """
+    num_classes = int(meta['num_classes'])
+    for entry in meta['shards']:
+        path = os.path.join(directory, entry['name'])
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f'{directory}: shard {entry["name"]} listed in {META_NAME} is missing')
+        for sample in iter_shard(path, f'shard {entry["name"]}'):
+            where = f'shard {entry["name"]} key {sample["key"]}'
+            if not 0 <= sample['label'] < num_classes:
+                raise ValueError(f'{where}: label {sample["label"]} outside 0..{num_classes - 1} '
+                                 f'(member .{LABEL_EXT})')
+            yield entry, sample, where
+
+
+def listed_shard_bytes(directory: str, meta: Dict[str, Any]) -> int:
+    """Total size of the shards ``reinforce.json`` lists (those present)."""
+    paths = (os.path.join(directory, e['name']) for e in meta['shards'])
+    return sum(os.path.getsize(p) for p in paths if os.path.isfile(p))

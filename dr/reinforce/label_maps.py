@@ -34,7 +34,8 @@ from .format import (
     META_NAME,
     decode_records,
     image_order,
-    iter_shard,
+    iter_listed_samples,
+    listed_shard_bytes,
     record_dtype,
 )
 from .writer import ShardPlan, ShardStore
@@ -344,22 +345,17 @@ def label_map_stats(directory: str, meta: Dict[str, Any]) -> Dict[str, Any]:
     h, w = map_size(meta)
     num_classes = int(meta['num_classes'])
     fill = float(meta['label_map'].get('fill', DEFAULT_FILL))
-    images = correct = image_bytes = total_bytes = 0
+    images = correct = image_bytes = 0
     ent = 0.0
-    for entry in meta['shards']:
-        path = os.path.join(directory, entry['name'])
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f'{directory}: shard {entry["name"]} listed in {META_NAME} is missing')
-        total_bytes += os.path.getsize(path)
-        for sample in iter_shard(path, f'shard {entry["name"]}'):
-            where = f'shard {entry["name"]} key {sample["key"]}'
-            arr = decode_records(sample['records'], where, LABEL_MAP_FIELDS)
-            check_label_map_records(arr, where, meta)
-            p = pool_logits(densify_map(arr, (h, w), num_classes, fill), [0, 0, w, h]).softmax(-1)
-            correct += int(int(p.argmax()) == sample['label'])
-            ent += float(-(p * p.clamp_min(1e-30).log()).sum())
-            images += 1
-            image_bytes += len(sample['image'])
+    for _, sample, where in iter_listed_samples(directory, meta):
+        arr = decode_records(sample['records'], where, LABEL_MAP_FIELDS)
+        check_label_map_records(arr, where, meta)
+        p = pool_logits(densify_map(arr, (h, w), num_classes, fill), [0, 0, w, h]).softmax(-1)
+        correct += int(int(p.argmax()) == sample['label'])
+        ent += float(-(p * p.clamp_min(1e-30).log()).sum())
+        images += 1
+        image_bytes += len(sample['image'])
+    total_bytes = listed_shard_bytes(directory, meta)
     stats: Dict[str, Any] = {
         'directory': os.path.abspath(directory),
         'kind': LABEL_MAP_KIND,

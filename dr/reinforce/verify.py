@@ -16,7 +16,6 @@ from ..io import atomic_write, sha256_file
 from .augment import decode_image, needs_partner, replay
 from .format import (
     CHECKSUMS_MEMBER,
-    LABEL_EXT,
     LABEL_MAP_FIELDS,
     LABEL_MAP_KIND,
     META_NAME,
@@ -26,7 +25,9 @@ from .format import (
     check_records,
     decode_records,
     dtype_from_descr,
+    iter_listed_samples,
     iter_shard,
+    listed_shard_bytes,
     load_meta,
     meta_image_order,
     sample_checksum,
@@ -407,20 +408,11 @@ def compute_stats(directory: str) -> Dict[str, Any]:
         return label_map_stats(directory, meta)
     num_classes, num_samples, topk = int(meta['num_classes']), int(meta['num_samples']), int(meta['topk'])
     acc = _StatsAccumulator(num_classes)
-    total_bytes = 0
-    for entry in meta['shards']:
-        path = os.path.join(directory, entry['name'])
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f'{directory}: shard {entry["name"]} listed in {META_NAME} is missing')
-        total_bytes += os.path.getsize(path)
-        for sample in iter_shard(path, f'shard {entry["name"]}'):
-            where = f'shard {entry["name"]} key {sample["key"]}'
-            if not 0 <= sample['label'] < num_classes:
-                raise ValueError(f'{where}: label {sample["label"]} outside 0..{num_classes - 1} '
-                                 f'(member .{LABEL_EXT})')
-            arr = decode_records(sample['records'], where)
-            check_records(arr, where, num_classes, num_samples, topk)
-            acc.add(arr, sample['label'], len(sample['image']))
+    for _, sample, where in iter_listed_samples(directory, meta):
+        arr = decode_records(sample['records'], where)
+        check_records(arr, where, num_classes, num_samples, topk)
+        acc.add(arr, sample['label'], len(sample['image']))
+    total_bytes = listed_shard_bytes(directory, meta)
     images, n_aug = acc.images, acc.n_aug
     stats = {
         'directory': os.path.abspath(directory),

@@ -232,6 +232,11 @@ def test_loader_targets_are_the_pooled_map_of_a_fresh_crop_and_ignore_the_flip(l
     assert not np.allclose(expect, mirrored, atol=1e-7)  # a mirrored box would give another target
 
 
+def test_show_refuses_label_maps(lm_dir, capsys):
+    assert reinforce.main(['--show', lm_dir]) == 2
+    assert 'holds label maps' in capsys.readouterr().err
+
+
 def test_label_maps_rerun_resumes_and_refuses_another_configuration(lm_dir, ckpts, tmp_path, capsys):
     before = {n: open(os.path.join(lm_dir, n), 'rb').read() for n in os.listdir(lm_dir) if n.endswith('.tar')}
     assert reinforce.main(_lm_args(lm_dir, ckpts)) == 0
