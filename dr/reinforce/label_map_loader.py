@@ -7,15 +7,14 @@ project's ``rrc`` draws) from a generator keyed on (seed, epoch, key), and the t
 :func:`dr.reinforce.label_maps.pool_target` of the stored map over that crop box.
 """
 import logging
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, Tuple
 
 import numpy as np
 
 from .augment import apply_record_pil, sample_records
 from .format import LABEL_MAP_FIELDS, META_NAME, decode_records, record_dtype
 from .label_maps import DEFAULT_FILL, check_label_map_records, map_size, pool_target
-from .loader import ReinforcedDataError, ReinforcedShards, SampleDecoder, _shard_table, _ShardReader, sample_draws
-from .verify import meta_problems
+from .loader import ReinforcedDataError, ReinforcedShards, SampleDecoder, sample_draws
 
 _logger = logging.getLogger(__name__)
 
@@ -26,6 +25,10 @@ class LabelMapDecoder(SampleDecoder):
     def __init__(self, meta: Dict[str, Any], where_flag: str = '--reinforced'):
         super().__init__(meta, where_flag)
         self.meta = meta
+        map_size(meta)  # a bad label_map entry is an error naming reinforce.json
+
+    def check_all(self, records: np.ndarray, img, sample: Dict[str, Any]) -> None:
+        """Nothing more to check: a label map has no crop boxes (its layout was checked by :meth:`records`)."""
 
     def records(self, data: bytes, sample: Dict[str, Any]) -> np.ndarray:
         where = f'shard {sample.get("__url__")} key {sample.get("__key__")}'
@@ -70,37 +73,4 @@ class LabelMapShards(ReinforcedShards):
             return self.crop_sample(img, records, label, seed)
         except ValueError as e:
             raise ReinforcedDataError(f'{self._decoder.where(sample)}: {e}') from e
-
-
-def check_label_maps(meta: Dict[str, Any], shard_urls: List[str], num_classes: Optional[int],
-                     where_flag: str = '--reinforced') -> Dict[str, Any]:
-    """``check_reinforced`` for label-map shards: metadata, class count, listed shards and the first sample.
-
-    Raises:
-        ValueError: naming ``where_flag`` and the file at fault.
-    """
-    path = meta.get('_path', META_NAME)
-    problems = meta_problems(meta)
-    if problems:
-        raise ValueError(f'{where_flag}: ' + '; '.join(problems[:3]))
-    if num_classes is not None and int(num_classes) != int(meta['num_classes']):
-        raise ValueError(f'{where_flag}: {path} has num_classes={meta["num_classes"]} but the model is built with '
-                         f'{num_classes} classes (--num-classes)')
-    map_size(meta)
-    table = _shard_table(shard_urls, meta, where_flag)
-    num_images = sum(c for _, c in table)
-    if num_images == 0:
-        raise ValueError(f'{where_flag}: the shards hold no images ({path})')
-    first = next((u, c) for u, c in table if c > 0)
-    reader = _ShardReader(first[0], where_flag)
-    decoder = LabelMapDecoder(meta, where_flag)
-    try:
-        for sample in reader.samples(0, 1, first[1], check_count=False):
-            decoder.verify(sample)
-            decoder(sample)
-    finally:
-        reader.close()
-    meta['_urls'] = shard_urls
-    meta['_num_images'] = num_images
-    return meta
 

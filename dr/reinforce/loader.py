@@ -252,9 +252,6 @@ def check_reinforced(
     if meta.get('schema_version') not in READABLE_SCHEMA_VERSIONS:  # load_meta checks too (metadata passed around)
         raise ValueError(f'{where_flag}: {meta_path}: unsupported schema_version {meta.get("schema_version")!r} '
                          f'(this code reads {", ".join(map(str, READABLE_SCHEMA_VERSIONS))})')
-    if meta.get('kind') == LABEL_MAP_KIND:  # ReLabel-style label maps: dr.reinforce.label_map_loader
-        from .label_map_loader import check_label_maps
-        return check_label_maps(meta, shard_urls, num_classes, where_flag)
     problems = meta_problems(meta)
     if problems:
         raise ValueError(f'{where_flag}: ' + '; '.join(problems[:3]) + ' (edited after writing? '
@@ -287,7 +284,11 @@ def check_reinforced(
         raise ValueError(f'{where_flag}: the shards hold no images ({meta_path})')
     first = next(((u, c) for u, c in table if c > 0))
     reader = _ShardReader(first[0], where_flag)
-    decoder = SampleDecoder(meta, where_flag)
+    if meta.get('kind') == LABEL_MAP_KIND:  # ReLabel-style label maps: dr.reinforce.label_map_loader
+        from .label_map_loader import LabelMapDecoder as decoder_class
+    else:
+        decoder_class = SampleDecoder
+    decoder = decoder_class(meta, where_flag)
     try:
         for sample in reader.samples(0, 1, first[1], check_count=False):
             decoder.verify(sample)

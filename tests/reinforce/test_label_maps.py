@@ -232,6 +232,21 @@ def test_loader_targets_are_the_pooled_map_of_a_fresh_crop_and_ignore_the_flip(l
     assert not np.allclose(expect, mirrored, atol=1e-7)  # a mirrored box would give another target
 
 
+def test_training_refuses_a_truncated_label_map_shard(lm_dir, tmp_path):
+    import shutil
+    bad = tmp_path / 'bad'
+    shutil.copytree(lm_dir, bad)
+    name = load_meta(lm_dir)['shards'][0]['name']
+    data = (bad / name).read_bytes()
+    (bad / name).write_bytes(data[:-1024])
+    with pytest.raises(ValueError, match=rf'--reinforced: shard .*{name} has {len(data) - 1024} bytes but'):
+        create_reinforced_loader(str(bad), batch_size=4, num_workers=0, input_size=(3, 32, 32), mean=(0.5,) * 3,
+                                 std=(0.5,) * 3)
+    with pytest.raises(ValueError, match='--reinforced: .*num_classes=10 but the model is built with 5'):
+        create_reinforced_loader(lm_dir, batch_size=4, num_workers=0, input_size=(3, 32, 32), mean=(0.5,) * 3,
+                                 std=(0.5,) * 3, num_classes=5)
+
+
 def test_show_refuses_label_maps(lm_dir, capsys):
     assert reinforce.main(['--show', lm_dir]) == 2
     assert 'holds label maps' in capsys.readouterr().err
