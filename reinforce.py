@@ -300,6 +300,8 @@ def run_label_maps(args, args_text: str, source, num_classes: int) -> int:
     """``--label-maps``: one process writes the label-map shards (``dr.reinforce.label_maps``)."""
     if int(os.environ.get('WORLD_SIZE', '1')) > 1:
         raise ValueError('--label-maps runs in one process (one teacher pass per image); run it without torchrun')
+    if args.amp or args.channels_last:
+        raise ValueError('--label-maps runs the teacher in float32, contiguous: drop --amp / --channels-last')
     torch.manual_seed(args.seed)
     teacher = create_teacher(args.teacher, num_classes, pretrained=args.pretrained,
                              img_size=args.teacher_img_size, device=args.device)

@@ -239,6 +239,14 @@ class LabelMapWriter:
         maps = ensemble_label_map(self.teacher, batch)
         return [topk_map(m, self.topk) for m in maps]
 
+    def _previous_seconds(self) -> Optional[float]:
+        """A rerun that wrote nothing keeps the teacher time the first run measured."""
+        try:
+            with open(os.path.join(self.output, META_NAME)) as f:
+                return json.load(f).get('teacher_seconds_per_image')
+        except (OSError, ValueError):
+            return None
+
     def write_shard(self, index: int) -> Tuple[Dict[str, Any], float]:
         """Teacher maps of shard ``index``'s images, then the shard and its sidecar; (sidecar, teacher seconds)."""
         items, seconds = [], 0.0
@@ -285,7 +293,7 @@ class LabelMapWriter:
                   'record_dtype': self.dtype.descr, 'label_map': self.label_map_info(),
                   'images_stored_as_png': bool(self.source.stores_png),
                   'teacher_forwards_per_image': 1,
-                  'teacher_seconds_per_image': seconds / written if written else None}
+                  'teacher_seconds_per_image': seconds / written if written else self._previous_seconds()}
         fields['schema_version'] = LABEL_MAP_SCHEMA_VERSION  # overrides ShardStore.merge's DR schema version
         return self.store.merge(self.plan.num_shards, fields, self.plan.num_images * self.num_locations)
 

@@ -256,6 +256,9 @@ def test_label_maps_rerun_resumes_and_refuses_another_configuration(lm_dir, ckpt
     before = {n: open(os.path.join(lm_dir, n), 'rb').read() for n in os.listdir(lm_dir) if n.endswith('.tar')}
     assert reinforce.main(_lm_args(lm_dir, ckpts)) == 0
     assert before == {n: open(os.path.join(lm_dir, n), 'rb').read() for n in before}
+    assert load_meta(lm_dir)['teacher_seconds_per_image'] > 0  # kept from the run that wrote the shards
+    assert reinforce.main(_lm_args(tmp_path / 'amp', ckpts, '--amp')) == 2
+    assert '--label-maps runs the teacher in float32' in capsys.readouterr().err
     assert reinforce.main(_lm_args(lm_dir, ckpts[:1])) == 2
     assert 'different configuration' in capsys.readouterr().err
 
