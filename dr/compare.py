@@ -68,6 +68,11 @@ COMPARE_METHODS: Tuple[CompareMethod, ...] = (
                   needs=('shards',), paper=(DR9, 'imagenet_plus_rrc', 'resnet50_in'),
                   cost_note='DR Sec. 3: 0.99-1.12x plain time'),
     CompareMethod('online_kd', 'online KD', ('--kd-teacher', '{teachers}', *demo.KD_FLAGS), needs=('teachers',)),
+    CompareMethod('relabel', 'ReLabel label maps',
+                  ('--reinforced', '{label_maps}', '--val-split', 'val', '--digits-size', '32', '--img-size', '32'),
+                  needs=('label_maps',), paper=(DR9, 'relabel', 'resnet50_in'),
+                  versus=('imagenet_plus_rrc', 'reinforced'),
+                  cost_note='DR Table 9: 10 GPU hours, 10.7 GB (vs ImageNet+-RRC 1993 h, 46.3 GB)'),
 )
 
 
@@ -128,7 +133,31 @@ def prepare_inputs(cfg: demo.DemoConfig, methods: Sequence[CompareMethod], outpu
         shards = os.path.join(output, 'reinforced')
         inputs['shards'] = shards
         inputs['records']['reinforce'] = demo.reinforce_digits(cfg, inputs['teachers'], shards)
+    if 'label_maps' in needs:
+        inputs['label_maps'], inputs['records']['label_maps'] = label_maps_digits(cfg, output)
     return inputs
+
+
+LABEL_MAP_SIZE = 64  # a resnet10t at 64 px has a 2x2 feature map; at the digits' 32 px it has one location
+
+
+def label_maps_digits(cfg: demo.DemoConfig, output: str) -> Tuple[str, Dict[str, Any]]:
+    """ReLabel's annotator in miniature: one ``resnet10t`` trained on the digits at 64 px (a teacher must run at
+    the resolution it was trained at to give a spatial map), then ``reinforce.py --label-maps`` and ``--stats``."""
+    train, reinforce, _ = demo._scripts()
+    size = ['--digits-size', str(LABEL_MAP_SIZE), '--img-size', str(LABEL_MAP_SIZE)]
+    t0 = time.perf_counter()
+    r = train.main(demo.train_argv(cfg, os.path.join(output, 'runs'), f'annotator{LABEL_MAP_SIZE}-resnet10t', 100,
+                                   model='resnet10t', epochs=cfg.teacher_epochs, lr=cfg.teacher_lr, extra=size))
+    spec = f'resnet10t={os.path.join(r["output_dir"], "last.pth.tar")}'
+    maps = os.path.join(output, 'label_maps')
+    argv = ['--label-maps', '--dataset', 'digits', '--digits-size', str(LABEL_MAP_SIZE), '--topk', str(cfg.topk),
+            '--teacher', spec, '-b', '64', '--workers', '0', '--no-progress', '--output', maps]
+    if reinforce.main(argv) or reinforce.main(['--stats', maps]):
+        raise RuntimeError(f'reinforce.py {" ".join(argv)} (or --stats) failed')
+    with open(os.path.join(maps, 'stats.json')) as f:
+        stats = json.load(f)
+    return maps, {'annotator_top1': r['last_eval']['top1'], 'seconds': time.perf_counter() - t0, 'stats': stats}
 
 
 def expand_flags(flags: Sequence[str], values: Dict[str, Any]) -> List[str]:
