@@ -68,6 +68,21 @@ COMPARE_METHODS: Tuple[CompareMethod, ...] = (
                   needs=('shards',), paper=(DR9, 'imagenet_plus_rrc', 'resnet50_in'),
                   cost_note='DR Sec. 3: 0.99-1.12x plain time'),
     CompareMethod('online_kd', 'online KD', ('--kd-teacher', '{teachers}', *demo.KD_FLAGS), needs=('teachers',)),
+    # --- self-distillation methods: Tf-KD, CS-KD, PS-KD, DDGSD (docs/methods.md) (begin) ---
+    CompareMethod('tf_kd_reg', 'Tf-KD_reg', ('--method', 'tfkd'), paper=(T4, 'tf_kd_reg', 'top1'),
+                  versus=('bake', 'bake')),
+    CompareMethod('tf_kd_self', 'Tf-KD_self', ('--kd-teacher', '{plain_checkpoint}', '--kd-temp', '20',
+                                               '--task-loss-weight', '0.9', '--kd-weight', '0.1'),
+                  paper=(T4, 'tf_kd_self', 'top1'), versus=('bake', 'bake'),
+                  cost_note='a second (teacher) forward pass per step'),
+    CompareMethod('cs_kd', 'CS-KD', ('--method', 'cskd', '--class-aware-intra', '1'), group=2,
+                  paper=(T4, 'cs_kd', 'top1'), versus=('bake', 'bake'),
+                  cost_note='class mates: a second, gradient-free forward pass'),
+    CompareMethod('ps_kd', 'PS-KD', ('--method', 'pskd'), paper=(T4, 'ps_kd', 'top1'), versus=('bake', 'bake'),
+                  cost_note='one (samples x classes) prediction table in memory and per checkpoint'),
+    CompareMethod('ddgsd', 'DDGSD', ('--method', 'ddgsd'), paper=(T8, 'resnet18_ddgsd', 'cifar100'),
+                  versus=('resnet18_bake', 'bake'), cost_note='two views: twice the forward/backward per image'),
+    # --- self-distillation methods (end) ---
 )
 
 
