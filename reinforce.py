@@ -8,6 +8,7 @@ stored augmentations (explicit parameters) with the teacher ensemble's top-``--t
     torchrun --nproc_per_node=8 reinforce.py /imagenet -c hparams/dr/reinforce/imagenet_plus.yaml
     python reinforce.py --verify out/rd [--teacher resnet18=teacher.pth.tar --verify-samples 32]
     python reinforce.py --stats out/rd
+    python reinforce.py --label-maps --teacher resnet18=teacher.pth.tar --topk 5 --output out/lm   # ReLabel maps
     python reinforce.py --import-ml-dr imagenet_plus_randaug.tar.gz --data-dir /imagenet/training --output out/inp
     python reinforce.py --show out/rd --images 0 1 --samples 0 1 2 --save-png show.png --save-npz show.npz
 """
@@ -24,8 +25,9 @@ import torch.distributed as dist
 from dr.config import create_config_parser, resolve_dataset_name, save_args_yaml
 from dr.config import parse_args as dr_parse_args
 from dr.reinforce.augment import create_augment_spec
-from dr.reinforce.format import AUG_NAMES, AUG_RRC_RA_RE, load_meta
+from dr.reinforce.format import AUG_NAMES, AUG_RRC, AUG_RRC_RA_RE, load_meta
 from dr.reinforce.importers.mldr_job import import_mldr
+from dr.reinforce.label_maps import LabelMapWriter
 from dr.reinforce.show import save_npz, save_png, show_samples
 from dr.reinforce.sources import create_source
 from dr.reinforce.teachers import create_teacher
@@ -97,6 +99,11 @@ def create_parser() -> Tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     group.add_argument('--topk', type=int, default=10, metavar='K',
                        help='stored classes per augmentation (default: 10)')
     group.add_argument('--seed', type=int, default=0, metavar='S', help='augmentation seed (default: 0)')
+    group.add_argument('--label-maps', action='store_true', default=False,
+                       help='ReLabel-style label maps instead of stored augmentations: one teacher pass per whole '
+                            'image, the top-k logits of every location of its last feature map (schema 3); training '
+                            'draws a fresh crop (--scale/--ratio/--hflip) and pools the map over it (--aug and '
+                            '--num-samples do not apply)')
 
     group = parser.add_argument_group('Output')
     group.add_argument('--output', default='', metavar='DIR', help='output directory of the shards')
@@ -205,8 +212,11 @@ def run_import(args, args_text: str) -> int:
 
 
 def run_show(args) -> int:
-    shown = show_samples(args.show, args.images, args.samples)
     meta = load_meta(args.show)
+    if meta.get('kind') == 'label_maps':
+        raise ValueError(f'--show {args.show}: the directory holds label maps, not stored augmentations (nothing to '
+                         f'replay; --stats summarises them)')
+    shown = show_samples(args.show, args.images, args.samples)
     for key, item in shown.items():
         names = meta.get('class_names') or []
         top = ', '.join(f'{names[int(i)] if int(i) < len(names) else int(i)} {float(p):.3f}'
@@ -238,6 +248,8 @@ def run_reinforce(args, args_text: str) -> int:
                                ra_num_ops=args.ra_num_ops, ra_magnitude=args.ra_magnitude, re_prob=args.re_prob,
                                re_fill=args.re_fill, mixup_p=args.mixup_p, cutmix_p=args.cutmix_p,
                                mix_group=args.mix_group)
+    if args.label_maps:
+        return run_label_maps(args, args_text, source, num_classes)
     rank, world_size, local_rank = _init_distributed()
     device = args.device
     if world_size > 1 and device == 'cuda':
@@ -249,12 +261,7 @@ def run_reinforce(args, args_text: str) -> int:
                              img_size=args.teacher_img_size, device=device)
     if args.channels_last:
         teacher = teacher.to(memory_format=torch.channels_last)
-    dataset_info = {'name': args.dataset, 'root': os.path.abspath(args.data_dir) if args.data_dir else None,
-                    'split': args.split}
-    if args.dataset.lower() == 'digits':
-        dataset_info['digits_size'] = args.digits_size
-    if args.max_images:
-        dataset_info['max_images'] = args.max_images
+    dataset_info = _dataset_info(args)
     writer = Reinforcer(
         source, teacher, spec, args.output, num_samples=args.num_samples, topk=args.topk, seed=args.seed,
         shard_size=args.shard_size, num_classes=num_classes, batch_size=args.batch_size, workers=args.workers,
@@ -276,6 +283,41 @@ def run_reinforce(args, args_text: str) -> int:
               f'teacher top-1 agreement with labels {meta["teacher_label_agreement"]:.4f}')
     if world_size > 1:
         dist.destroy_process_group()
+    return 0
+
+
+def _dataset_info(args) -> dict:
+    info = {'name': args.dataset, 'root': os.path.abspath(args.data_dir) if args.data_dir else None,
+            'split': args.split}
+    if args.dataset.lower() == 'digits':
+        info['digits_size'] = args.digits_size
+    if args.max_images:
+        info['max_images'] = args.max_images
+    return info
+
+
+def run_label_maps(args, args_text: str, source, num_classes: int) -> int:
+    """``--label-maps``: one process writes the label-map shards (``dr.reinforce.label_maps``)."""
+    if int(os.environ.get('WORLD_SIZE', '1')) > 1:
+        raise ValueError('--label-maps runs in one process (one teacher pass per image); run it without torchrun')
+    if args.amp or args.channels_last:
+        raise ValueError('--label-maps runs the teacher in float32, contiguous: drop --amp / --channels-last')
+    torch.manual_seed(args.seed)
+    teacher = create_teacher(args.teacher, num_classes, pretrained=args.pretrained,
+                             img_size=args.teacher_img_size, device=args.device)
+    spec = create_augment_spec(AUG_RRC, scale=args.scale, ratio=args.ratio, hflip=args.hflip)
+    writer = LabelMapWriter(source, teacher, args.output, topk=args.topk, seed=args.seed,
+                            shard_size=args.shard_size, num_classes=num_classes, batch_size=args.batch_size,
+                            device=args.device, train_spec=spec, dataset_info=_dataset_info(args),
+                            progress=not args.no_progress)
+    writer.store.check_config()
+    os.makedirs(args.output, exist_ok=True)
+    save_args_yaml(args_text, args.output)
+    meta = writer.run()
+    lm = meta['label_map']
+    print(f'{args.output}: {meta["num_images"]} images in {len(meta["shards"])} shards, label maps '
+          f'{lm["height"]}x{lm["width"]} top-{meta["topk"]}, teacher top-1 agreement with labels per location '
+          f'{meta["teacher_label_agreement"]:.4f}')
     return 0
 
 

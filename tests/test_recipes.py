@@ -326,7 +326,8 @@ def test_small_scale_random_walk_recipes():
 
 # --- DR --------------------------------------------------------------------------------------------------------------
 DR_TRAIN = [p for p in RECIPES if p.startswith('hparams/dr/train/')]
-DR_NAME_RE = re.compile(r'^(?P<arch>[a-z0-9_]+?)_e(?P<epochs>\d+)_(?P<data>imagenet(_plus(_rrc|_small)?)?)\.yaml$')
+DR_NAME_RE = re.compile(
+    r'^(?P<arch>[a-z0-9_]+?)_e(?P<epochs>\d+)_(?P<data>imagenet(_plus(_rrc|_small)?)?|relabel)\.yaml$')
 
 
 @pytest.mark.parametrize('path', DR_TRAIN)

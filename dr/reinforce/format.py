@@ -36,8 +36,11 @@ import xxhash
 
 _logger = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 2
-READABLE_SCHEMA_VERSIONS = (1, 2)  # version 1: no per-sample checksums, images in dataset order, no mixing
+SCHEMA_VERSION = 2  # DR records (per-augmentation top-k); label maps are written as LABEL_MAP_SCHEMA_VERSION
+LABEL_MAP_SCHEMA_VERSION = 3  # ReLabel-style label maps (``kind: label_maps``, dr.reinforce.label_maps)
+LABEL_MAP_KIND = 'label_maps'
+# version 1: no per-sample checksums, images in dataset order, no mixing; version 3: label maps
+READABLE_SCHEMA_VERSIONS = (1, 2, 3)
 META_NAME = 'reinforce.json'
 RECORDS_EXT = 'rd.npy'
 CHECKSUMS_MEMBER = '__rd__/checksums.npy'  # schema 2: first member of a shard, per sample (index, xxh3)
@@ -121,8 +124,10 @@ def dtype_from_descr(descr: Sequence[Sequence[Any]]) -> np.dtype:
 
 def encode_records(arr: np.ndarray) -> bytes:
     """Serialise a record array as ``.npy`` bytes (``allow_pickle=False``)."""
-    if arr.dtype.names is None or 'ids' not in arr.dtype.names or 'probs' not in arr.dtype.names:
-        raise ValueError(f'encode_records expects a structured array with ids/probs fields, got dtype {arr.dtype}')
+    names = arr.dtype.names or ()
+    if 'ids' not in names or ('probs' not in names and 'logits' not in names):
+        raise ValueError(f'encode_records expects a structured array with ids/probs (label maps: ids/logits) '
+                         f'fields, got dtype {arr.dtype}')
     if arr.dtype.hasobject:
         raise ValueError('encode_records: object fields cannot be stored without pickle')
     buf = io.BytesIO()
@@ -130,12 +135,17 @@ def encode_records(arr: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def decode_records(data: bytes, where: str) -> np.ndarray:
+RECORD_FIELDS = ('ids', 'probs', 'crop', 'flags')  # required fields of stored augmentations
+LABEL_MAP_FIELDS = ('ids', 'logits')  # required fields of a label map (schema 3)
+
+
+def decode_records(data: bytes, where: str, fields: Sequence[str] = RECORD_FIELDS) -> np.ndarray:
     """Parse ``.npy`` record bytes without unpickling.
 
     Args:
         data: the ``<key>.rd.npy`` member's bytes.
         where: names the source in errors, e.g. ``"shard 000003.tar key abc"``.
+        fields: the fields that must be there (``LABEL_MAP_FIELDS`` for a label map).
 
     Raises:
         ValueError: naming ``where`` when the bytes are not a 1-D structured array with ``ids`` and ``probs``.
@@ -147,7 +157,7 @@ def decode_records(data: bytes, where: str) -> np.ndarray:
     if not isinstance(arr, np.ndarray) or arr.dtype.names is None:
         dtype = getattr(arr, 'dtype', None)
         raise ValueError(f'{where}: reinforcement records are not a structured array (dtype {dtype})')
-    missing = [f for f in ('ids', 'probs', 'crop', 'flags') if f not in arr.dtype.names]
+    missing = [f for f in fields if f not in arr.dtype.names]
     if missing:
         raise ValueError(f'{where}: reinforcement records lack field(s) {", ".join(missing)}')
     if arr.ndim != 1:
@@ -280,8 +290,13 @@ def load_meta(dir_or_url: Union[str, Sequence[str]]) -> Dict[str, Any]:
     if version not in READABLE_SCHEMA_VERSIONS:
         raise ValueError(f'{path}: unsupported schema_version {version!r} (this code reads '
                          f'{", ".join(map(str, READABLE_SCHEMA_VERSIONS))})')
-    missing = [k for k in ('teachers', 'augmentation', 'topk', 'num_samples', 'num_classes', 'shards')
-               if k not in meta]
+    if (version == LABEL_MAP_SCHEMA_VERSION) != (meta.get('kind') == LABEL_MAP_KIND):
+        raise ValueError(f'{path}: schema_version {version} with kind {meta.get("kind")!r} (label maps are schema '
+                         f'{LABEL_MAP_SCHEMA_VERSION} with kind {LABEL_MAP_KIND!r}, and only they)')
+    required = ('teachers', 'augmentation', 'topk', 'num_samples', 'num_classes', 'shards')
+    if version == LABEL_MAP_SCHEMA_VERSION:
+        required += ('label_map', 'record_dtype')
+    missing = [k for k in required if k not in meta]
     if missing:
         raise ValueError(f'{path}: missing key(s) {", ".join(missing)}')
     meta['_path'] = path
@@ -475,3 +490,30 @@ def iter_shard(fileobj_or_path: Union[str, io.IOBase], where: str) -> Iterator[D
     done = finish(current)
     if done is not None:
         yield done
+
+
+def iter_listed_samples(directory: str, meta: Dict[str, Any]) -> Iterator[tuple]:
+    """``(shard entry, sample, where)`` of every sample of the shards ``reinforce.json`` lists, in order (``sample`` as
+    :func:`iter_shard` yields it, its label checked against ``num_classes``).
+
+    Raises:
+        FileNotFoundError: a listed shard is missing.
+        ValueError: naming shard and key of an unreadable sample or a label out of range.
+    """
+    num_classes = int(meta['num_classes'])
+    for entry in meta['shards']:
+        path = os.path.join(directory, entry['name'])
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f'{directory}: shard {entry["name"]} listed in {META_NAME} is missing')
+        for sample in iter_shard(path, f'shard {entry["name"]}'):
+            where = f'shard {entry["name"]} key {sample["key"]}'
+            if not 0 <= sample['label'] < num_classes:
+                raise ValueError(f'{where}: label {sample["label"]} outside 0..{num_classes - 1} '
+                                 f'(member .{LABEL_EXT})')
+            yield entry, sample, where
+
+
+def listed_shard_bytes(directory: str, meta: Dict[str, Any]) -> int:
+    """Total size of the shards ``reinforce.json`` lists (those present)."""
+    paths = (os.path.join(directory, e['name']) for e in meta['shards'])
+    return sum(os.path.getsize(p) for p in paths if os.path.isfile(p))

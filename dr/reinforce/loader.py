@@ -67,6 +67,7 @@ from .format import (
     FLAG_ERASE,
     IMAGE_EXTS,
     LABEL_EXT,
+    LABEL_MAP_KIND,
     META_NAME,
     PROB_SUM_TOL,
     READABLE_SCHEMA_VERSIONS,
@@ -283,7 +284,11 @@ def check_reinforced(
         raise ValueError(f'{where_flag}: the shards hold no images ({meta_path})')
     first = next(((u, c) for u, c in table if c > 0))
     reader = _ShardReader(first[0], where_flag)
-    decoder = SampleDecoder(meta, where_flag)
+    if meta.get('kind') == LABEL_MAP_KIND:  # ReLabel-style label maps: dr.reinforce.label_map_loader
+        from .label_map_loader import LabelMapDecoder as decoder_class
+    else:
+        decoder_class = SampleDecoder
+    decoder = decoder_class(meta, where_flag)
     try:
         for sample in reader.samples(0, 1, first[1], check_count=False):
             decoder.verify(sample)
@@ -1166,7 +1171,11 @@ def create_reinforced_loader(
         raise ValueError(f'{where_flag}: {meta.get("_path", META_NAME)} has num_classes={meta["num_classes"]} but '
                          f'the model is built with {num_classes} classes (--num-classes)')
     shards = _shard_table(meta['_urls'], meta, where_flag)
-    dataset = ReinforcedShards(
+    if meta.get('kind') == LABEL_MAP_KIND:
+        from .label_map_loader import LabelMapShards as dataset_class
+    else:
+        dataset_class = ReinforcedShards
+    dataset = dataset_class(
         shards, meta, batch_size=batch_size, input_size=input_size, mean=mean, std=std, interpolation=interpolation,
         rd_p=rd_p, rd_densify=rd_densify, fallback_transform=fallback_transform,
         num_classes=int(num_classes if num_classes is not None else meta['num_classes']), seed=seed, rank=rank,

@@ -7,7 +7,7 @@ import logging
 import math
 import os
 import re
-from typing import Any, Dict, List, Optional, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 import numpy as np
 import torch
@@ -16,18 +16,23 @@ from ..io import atomic_write, sha256_file
 from .augment import decode_image, needs_partner, replay
 from .format import (
     CHECKSUMS_MEMBER,
-    LABEL_EXT,
+    LABEL_MAP_FIELDS,
+    LABEL_MAP_KIND,
     META_NAME,
+    RECORD_FIELDS,
     SHARD_RE,
     aug_has_mix,
     check_records,
     decode_records,
     dtype_from_descr,
+    iter_listed_samples,
     iter_shard,
+    listed_shard_bytes,
     load_meta,
     meta_image_order,
     sample_checksum,
 )
+from .label_maps import check_label_map_records, label_map_stats, storage_comparison
 from .partners import PartnerImages
 
 _logger = logging.getLogger(__name__)
@@ -152,8 +157,9 @@ def sidecar_problems(directory: str, meta: Dict[str, Any]) -> List[Dict[str, str
 class _ShardChecker:
     """Checks the samples of every shard in dataset order (keys, labels, records, schema-2 checksums and indices)."""
 
-    def __init__(self, meta: Dict[str, Any], picks: Dict[int, int]):
+    def __init__(self, meta: Dict[str, Any], picks: Dict[int, int], record_check: Optional[Callable] = None):
         self.meta = meta
+        self.record_check = record_check  # label maps: label_maps.check_label_map_records instead of check_records
         self.num_classes, self.num_samples = int(meta['num_classes']), int(meta['num_samples'])
         self.topk = int(meta['topk'])
         self.dtype = dtype_from_descr(meta['record_dtype']) if meta.get('record_dtype') else None
@@ -171,11 +177,14 @@ class _ShardChecker:
         self.keys[sample['key']] = name
         if not 0 <= sample['label'] < self.num_classes:
             raise ValueError(f'{where}: label {sample["label"]} outside 0..{self.num_classes - 1}')
-        arr = decode_records(sample['records'], where)
+        arr = decode_records(sample['records'], where, LABEL_MAP_FIELDS if self.record_check else RECORD_FIELDS)
         if self.dtype is not None and arr.dtype != self.dtype:
             raise ValueError(f'{where}: records have dtype {arr.dtype.descr}, {META_NAME} says record_dtype '
                              f'{self.dtype.descr}')
-        check_records(arr, where, self.num_classes, self.num_samples, self.topk)
+        if self.record_check is not None:
+            self.record_check(arr, where, self.meta)
+        else:
+            check_records(arr, where, self.num_classes, self.num_samples, self.topk)
         if self.checksums:
             self._check_info(name, position, start, sample, where)
         if start + position in self.picks:
@@ -298,6 +307,10 @@ def verify_dir(
     meta = load_meta(directory)
     if teacher is not None:
         check_teacher_matches(teacher, meta)
+    record_check = None
+    if meta.get('kind') == LABEL_MAP_KIND:  # label maps: every map checked, no stored augmentation to replay
+        record_check = check_label_map_records
+        num_replays = 0
     problems = [{'shard': META_NAME, 'problem': p} for p in meta_problems(meta)]
     problems += sidecar_problems(directory, meta) + _check_files(directory, meta)
     total_images = sum(int(s['count']) for s in meta['shards'])
@@ -306,7 +319,7 @@ def verify_dir(
     if teacher is not None and num_replays > 0 and total_images:
         chosen = rng.choice(total_images, size=min(num_replays, total_images), replace=False)
         picks = {int(p): int(rng.integers(int(meta['num_samples']))) for p in chosen}
-    checker = _ShardChecker(meta, picks)
+    checker = _ShardChecker(meta, picks, record_check)
     position = images = 0
     for entry in meta['shards']:
         path = os.path.join(directory, entry['name'])
@@ -391,22 +404,15 @@ def compute_stats(directory: str) -> Dict[str, Any]:
     if message:
         raise FileNotFoundError(message)
     meta = load_meta(directory)
+    if meta.get('kind') == LABEL_MAP_KIND:
+        return label_map_stats(directory, meta)
     num_classes, num_samples, topk = int(meta['num_classes']), int(meta['num_samples']), int(meta['topk'])
     acc = _StatsAccumulator(num_classes)
-    total_bytes = 0
-    for entry in meta['shards']:
-        path = os.path.join(directory, entry['name'])
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f'{directory}: shard {entry["name"]} listed in {META_NAME} is missing')
-        total_bytes += os.path.getsize(path)
-        for sample in iter_shard(path, f'shard {entry["name"]}'):
-            where = f'shard {entry["name"]} key {sample["key"]}'
-            if not 0 <= sample['label'] < num_classes:
-                raise ValueError(f'{where}: label {sample["label"]} outside 0..{num_classes - 1} '
-                                 f'(member .{LABEL_EXT})')
-            arr = decode_records(sample['records'], where)
-            check_records(arr, where, num_classes, num_samples, topk)
-            acc.add(arr, sample['label'], len(sample['image']))
+    for _, sample, where in iter_listed_samples(directory, meta):
+        arr = decode_records(sample['records'], where)
+        check_records(arr, where, num_classes, num_samples, topk)
+        acc.add(arr, sample['label'], len(sample['image']))
+    total_bytes = listed_shard_bytes(directory, meta)
     images, n_aug = acc.images, acc.n_aug
     stats = {
         'directory': os.path.abspath(directory),
@@ -425,6 +431,9 @@ def compute_stats(directory: str) -> Dict[str, Any]:
         'bytes_per_augmentation': (total_bytes - acc.image_bytes) / (images * num_samples) if images else 0.0,
         'record_bytes_per_augmentation':
             dtype_from_descr(meta['record_dtype']).itemsize if meta.get('record_dtype') else None,
+        'bytes_per_image': (total_bytes - acc.image_bytes) / images if images else 0.0,
+        'teacher_forwards_per_image': num_samples,
+        **storage_comparison(num_classes),  # DR Table 9's methods in this format, for the same classes
     }
     bad = [k for k, v in stats.items() if isinstance(v, float) and not math.isfinite(v)]
     if bad:
