@@ -32,6 +32,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from dr import config as dr_config
 from dr.io import atomic_write, software_versions, truncate_summary
+from dr.methods import start_method_epoch, wrap_method_train_data
 from dr.methods.options import add_method_args, check_method_args
 from dr.wandb_logger import init_wandb, log_epoch
 
@@ -1128,6 +1129,7 @@ def create_train_eval_loaders(args: argparse.Namespace, train_ds, val_ds, data_c
                        device=device, worker_seeding=args.worker_seeding,
                        use_multi_epochs_loader=args.use_multi_epochs_loader)
     train_transform = create_transform(input_size, is_training=True, **aug)
+    train_ds, train_transform = wrap_method_train_data(args, train_ds, train_transform)  # PS-KD indices, DDGSD views
     if args.reinforced:
         train_loader = create_reinforced_loader(
             args.reinforced, rd_meta, batch_size=args.batch_size, num_workers=args.workers, input_size=input_size,
@@ -1275,6 +1277,7 @@ def train_epochs(args: argparse.Namespace, run: TrainRun, device: torch.device) 
     for epoch in range(run.start_epoch, stop_epoch):
         seed_everything_for_epoch(args.seed, epoch, args.rank)
         set_loader_epoch(run.train_loader, epoch)
+        start_method_epoch(run.task, epoch, run.num_epochs, run.output_dir)  # PS-KD: alpha_t, last epoch's predictions
         if run.mixup_fn is not None and args.mixup_off_epoch and epoch >= args.mixup_off_epoch:
             run.mixup_fn.mixup_enabled = False
         train_metrics = train_one_epoch(epoch, run.task, run.train_loader, run.optimizer, args, device,
@@ -1362,7 +1365,7 @@ def train_one_epoch(
                disable=not show_progress(args))
     model_dtype = _model_dtype(args)
     for batch_idx, batch in enumerate(loader):
-        if len(batch) == 3:  # reinforced data: (input, teacher probabilities, labels)
+        if len(batch) == 3:  # reinforced data: (input, teacher probabilities, labels); PS-KD: (input, labels, indices)
             input, target = batch[0], (batch[1], batch[2])
         else:
             input, target = batch[0], batch[1]
