@@ -1070,7 +1070,9 @@ def _setup_training(args: argparse.Namespace, model: nn.Module, device: torch.de
     criterion = create_criterion(args, mixup_active)
     task = create_task(args, model, criterion, device, rd_meta)
     task.to(device)
-    optimizer = create_optimizer_v2(model, **optimizer_kwargs(cfg=args), **args.opt_kwargs)
+    # a method with trainable parts beside the model (BYOT's heads, KDCL's second student) lists them all
+    optimizer = create_optimizer_v2(getattr(task, 'optimizer_module', model), **optimizer_kwargs(cfg=args),
+                                    **args.opt_kwargs)
     run = TrainRun(task=task, optimizer=optimizer, amp_autocast=_amp_context(args, device))
     if args.amp and device.type == 'cuda' and args.amp_dtype == 'float16':
         run.loss_scaler = NativeScaler(device=device.type)
