@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-fast lint bench bench-gpu install clean
+.PHONY: demo compare test test-fast lint bench bench-gpu install clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -16,6 +16,10 @@ install: $(STAMP)
 
 demo: $(STAMP)
 	$(PY) -m dr.demo --output output/demo --readme README.md --docs-dir docs
+
+# every competing method on the digits, 3 seeds (not part of demo): docs/compare.md
+compare: $(STAMP)
+	$(PY) -m dr.compare --output output/compare --docs docs/compare.md
 
 test: $(STAMP)
 	$(PY) -m ruff check .

@@ -937,6 +937,11 @@ def _setup_process(args: argparse.Namespace) -> torch.device:
     if args.device is None:
         args.device = 'cuda' if torch.cuda.is_available() else 'cpu'
     device = utils.init_distributed_device(args)
+    if not args.distributed and os.environ.get('TORCHELASTIC_RUN_ID') and os.environ.get('WORLD_SIZE') == '1':
+        # torchrun with one process: timm stays single-process; a group of one runs the same DDP/SyncBN/NCCL path
+        # as N processes do (how a one-GPU box checks a multi-GPU command)
+        torch.distributed.init_process_group(backend='nccl' if device.type == 'cuda' else 'gloo', init_method='env://')
+        args.distributed = True
     if args.fuser:
         utils.set_jit_fuser(args.fuser)
     if args.fast_norm:

@@ -101,6 +101,25 @@ def test_torchrun_two_process_bake_global(tmp_path):
 
 
 @pytest.mark.slow
+def test_torchrun_one_process_starts_a_group_and_matches_a_plain_run(tmp_path):
+    """torchrun --nproc_per_node=1 runs the DDP path (a group of one, gloo here) and trains exactly as without it."""
+    argv = [*BASE, '-b', '64', '--epochs', '1', '--seed', '3', '--output', str(tmp_path)]
+    cmd = [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node=1', f'--master_port={free_port()}',
+           os.path.join(ROOT, 'train.py'), *argv, '--experiment', 'ddp1']
+    env = dict(os.environ, OMP_NUM_THREADS='1')
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert 'Distributed training: process 0 of 1' in proc.stdout + proc.stderr
+    plain = subprocess.run([sys.executable, os.path.join(ROOT, 'train.py'), *argv, '--experiment', 'plain'],
+                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert plain.returncode == 0, plain.stderr[-3000:]
+    assert 'Distributed training' not in plain.stdout + plain.stderr
+    rows = [_read_summary(os.path.join(tmp_path, name, 'summary.csv'))[-1] for name in ('ddp1', 'plain')]
+    assert float(rows[0]['train_loss']) == pytest.approx(float(rows[1]['train_loss']), rel=1e-5)
+    assert rows[0]['eval_top1'] == rows[1]['eval_top1']
+
+
+@pytest.mark.slow
 def test_wandb_offline_run_has_metrics(tmp_path, monkeypatch):
     monkeypatch.setenv('WANDB_MODE', 'offline')
     monkeypatch.setenv('WANDB_SILENT', 'true')
