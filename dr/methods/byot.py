@@ -22,11 +22,8 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 import torch.nn as nn
-from timm.task import TrainingTask
-from timm.utils.model_ema import ModelEmaV3
-from torch.nn.parallel import DistributedDataParallel as DDP
 
-from .common import OptimizerView, check_positive, soft_kl, unwrap
+from .common import OptimizerView, PlainModelTask, check_positive, soft_kl, unwrap
 
 _logger = logging.getLogger(__name__)
 
@@ -111,7 +108,7 @@ def byot_loss(criterion, logits: torch.Tensor, pre: torch.Tensor, shallow_logits
             'loss_feat': feat.detach()}
 
 
-class ByotTask(TrainingTask):
+class ByotTask(PlainModelTask):
     """``timm.task`` task for BYOT; ``forward`` returns ``{'loss', 'output', 'loss_ce', 'loss_shallow_ce', 'loss_kd',
     'loss_feat'}``. ``optimizer_module`` holds the model and the shallow classifiers."""
 
@@ -135,38 +132,6 @@ class ByotTask(TrainingTask):
     @property
     def byot_model(self) -> ByotModel:
         return unwrap(self.trainable_module)
-
-    @property
-    def model(self) -> nn.Module:
-        return unwrap(self.byot_model.model)
-
-    def prepare_distributed(self, device_ids: Optional[list] = None, **ddp_kwargs) -> 'ByotTask':
-        self.trainable_module = DDP(self.trainable_module, device_ids=device_ids, **ddp_kwargs)
-        return self
-
-    def compile(self, backend: str = 'inductor', mode: Optional[str] = None, **compile_kwargs) -> nn.Module:
-        self.eval_model = torch.compile(self.model, backend=backend, mode=mode, **compile_kwargs)
-        self.trainable_module = torch.compile(self.trainable_module, backend=backend, mode=mode, **compile_kwargs)
-        return self.eval_model
-
-    def setup_ema(self, decay: float = 0.9999, use_warmup: bool = False, device: Optional[torch.device] = None,
-                  **kwargs) -> nn.Module:
-        self.trainable_module_ema = ModelEmaV3(self.model, decay=decay, use_warmup=use_warmup, device=device, **kwargs)
-        return self.trainable_module_ema
-
-    def update_ema(self, step: Optional[int] = None) -> None:
-        if self.has_ema():
-            self.trainable_module_ema.update(self.model, step=step)
-
-    def get_eval_model(self, module: Optional[nn.Module] = None, ema: bool = False) -> Optional[nn.Module]:
-        if module is None:
-            attr = 'eval_model_ema' if ema else 'eval_model'
-            if hasattr(self, attr):
-                return getattr(self, attr)
-            if ema:
-                return unwrap(self.trainable_module_ema) if self.has_ema() else None
-            return self.model
-        return unwrap(module)
 
     def get_task_state(self, module: Optional[nn.Module] = None, ema: bool = False) -> Dict[str, Any]:
         """The shallow classifiers (training-only, so outside ``state_dict``)."""

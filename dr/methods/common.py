@@ -5,6 +5,9 @@ from typing import Dict, Iterable, Optional
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from timm.task import TrainingTask
+from timm.utils.model_ema import ModelEmaV3
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 
 def unwrap(module: nn.Module) -> nn.Module:
@@ -67,3 +70,45 @@ def parameters_of(modules: Iterable[nn.Module]):
     """All parameters of several modules, in order."""
     for m in modules:
         yield from m.parameters()
+
+
+class PlainModelTask(TrainingTask):
+    """A task that trains a wrapper (``trainable_module``, whose ``.model`` is the timm model) with training-only
+    parts, while evaluation, EMA and the checkpoint's ``state_dict`` see the plain timm model alone."""
+
+    @property
+    def model(self) -> nn.Module:
+        """The plain timm model being trained."""
+        return unwrap(unwrap(self.trainable_module).model)
+
+    def prepare_distributed(self, device_ids: Optional[list] = None, **ddp_kwargs) -> 'PlainModelTask':
+        """DDP around the whole wrapper (``device_ids=None`` on CPU / gloo)."""
+        self.trainable_module = DDP(self.trainable_module, device_ids=device_ids, **ddp_kwargs)
+        return self
+
+    def compile(self, backend: str = 'inductor', mode: Optional[str] = None, **compile_kwargs) -> nn.Module:
+        """Compile the wrapper (training) and the plain model (eval) before DDP wrapping; returns the eval model."""
+        self.eval_model = torch.compile(self.model, backend=backend, mode=mode, **compile_kwargs)
+        self.trainable_module = torch.compile(self.trainable_module, backend=backend, mode=mode, **compile_kwargs)
+        return self.eval_model
+
+    def setup_ema(self, decay: float = 0.9999, use_warmup: bool = False, device: Optional[torch.device] = None,
+                  **kwargs) -> nn.Module:
+        """EMA of the plain model (``state_dict_ema`` keys are the plain model's)."""
+        self.trainable_module_ema = ModelEmaV3(self.model, decay=decay, use_warmup=use_warmup, device=device, **kwargs)
+        return self.trainable_module_ema
+
+    def update_ema(self, step: Optional[int] = None) -> None:
+        if self.has_ema():
+            self.trainable_module_ema.update(self.model, step=step)
+
+    def get_eval_model(self, module: Optional[nn.Module] = None, ema: bool = False) -> Optional[nn.Module]:
+        """The plain timm model (compiled if ``compile`` ran) or its EMA copy."""
+        if module is None:
+            attr = 'eval_model_ema' if ema else 'eval_model'
+            if hasattr(self, attr):
+                return getattr(self, attr)
+            if ema:
+                return unwrap(self.trainable_module_ema) if self.has_ema() else None
+            return self.model
+        return unwrap(module)
