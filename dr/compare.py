@@ -68,6 +68,10 @@ COMPARE_METHODS: Tuple[CompareMethod, ...] = (
                   needs=('shards',), paper=(DR9, 'imagenet_plus_rrc', 'resnet50_in'),
                   cost_note='DR Sec. 3: 0.99-1.12x plain time'),
     CompareMethod('online_kd', 'online KD', ('--kd-teacher', '{teachers}', *demo.KD_FLAGS), needs=('teachers',)),
+    # ---- teachers helper (BYOT, KDCL; dr/methods/byot.py, kdcl.py) ----
+    CompareMethod('byot', 'BYOT', ('--method', 'byot'), paper=(T8, 'resnet18_byot', 'cifar100'),
+                  versus=('resnet18_bake', 'bake'), cost_note='shallow classifiers on layer1-3 (training only)'),
+    # ---- end teachers helper ----
 )
 
 
