@@ -887,6 +887,9 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     """
     args, _ = parse_args(argv)
     parser = vars(args).pop('_parser')
+    if args.ban_generations:  # born-again generations, each one train.main call (dr/methods/ban.py)
+        from dr.methods.ban import run_generations
+        return run_generations(sys.argv[1:] if argv is None else argv, args)
     _check_paths(parser, args)
     _import_training_libraries()
     try:
@@ -1318,6 +1321,8 @@ def _eval_keys(ema: bool) -> list:
 
 def _finish(args: argparse.Namespace, run: TrainRun, result: Dict[str, Any]) -> None:
     """Rank 0 writes results.json and closes wandb; every rank leaves the process group."""
+    if args.rank == 0 and hasattr(run.task, 'save_outputs'):  # a method's extra models (KDCL's second student)
+        run.task.save_outputs(run.output_dir)
     if args.rank == 0:
         with atomic_write(os.path.join(run.output_dir, 'results.json'), 'w') as f:
             json.dump(result, f, indent=2)

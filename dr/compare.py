@@ -71,6 +71,9 @@ COMPARE_METHODS: Tuple[CompareMethod, ...] = (
     # ---- teachers helper (BYOT, KDCL; dr/methods/byot.py, kdcl.py) ----
     CompareMethod('byot', 'BYOT', ('--method', 'byot'), paper=(T8, 'resnet18_byot', 'cifar100'),
                   versus=('resnet18_bake', 'bake'), cost_note='shallow classifiers on layer1-3 (training only)'),
+    CompareMethod('kdcl', 'KDCL', ('--method', 'kdcl', '--kdcl-model', demo.DemoConfig().model),
+                  paper=(T5, 'kdcl', 'top1'), versus=('bake', 'bake'),
+                  cost_note='a second student trained alongside (BAKE Table 5: extra ResNet-18)'),
     # ---- end teachers helper ----
 )
 
