@@ -47,6 +47,14 @@ def _wait_for(path: str, timeout_s: float = 600.0) -> None:
         time.sleep(0.2)
 
 
+def _fresh_rendezvous(k: int) -> None:
+    """Under torchrun, a later generation's process group gets a store of its own (rank 0 hosts it on MASTER_PORT
+    + k): re-initialising on the agent's store would meet the previous group's keys."""
+    base = int(os.environ.setdefault('BAN_MASTER_PORT', os.environ['MASTER_PORT']))
+    os.environ['MASTER_PORT'] = str(base + k)
+    os.environ['TORCHELASTIC_USE_AGENT_STORE'] = 'False'
+
+
 def run_generations(argv: Sequence[str], args: argparse.Namespace,
                     train_main: Optional[Callable[[List[str]], Dict[str, Any]]] = None) -> Dict[str, Any]:
     """Train generations 0..``args.ban_generations`` one after another (module docstring); returns the last
@@ -68,6 +76,8 @@ def run_generations(argv: Sequence[str], args: argparse.Namespace,
             with open(results) as f:
                 summaries.append(json.load(f))
             continue
+        if k > 0 and int(os.environ.get('WORLD_SIZE', '1')) > 1:
+            _fresh_rendezvous(k)
         _logger.info(f'BAN generation {k} of {args.ban_generations}' + (' (plain)' if k == 0 else
                      f', distilled from generation {k - 1}'))
         summaries.append(dict(train_main(generation_argv(argv, args, root, k))))
