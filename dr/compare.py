@@ -74,6 +74,8 @@ COMPARE_METHODS: Tuple[CompareMethod, ...] = (
     CompareMethod('kdcl', 'KDCL', ('--method', 'kdcl', '--kdcl-model', demo.DemoConfig().model),
                   paper=(T5, 'kdcl', 'top1'), versus=('bake', 'bake'),
                   cost_note='a second student trained alongside (BAKE Table 5: extra ResNet-18)'),
+    CompareMethod('ban', 'BAN', ('--ban-generations', '1'), paper=(T4, 'ban', 'top1'), versus=('bake', 'bake'),
+                  cost_note='two trainings (generation 0 plain, generation 1 distilled from it)'),
     # ---- end teachers helper ----
 )
 

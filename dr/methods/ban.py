@@ -7,7 +7,7 @@ folder ``<output>/<experiment>/gen<k>``; the run's model is the last generation'
 test-time ensemble of the generations.
 
 Reruns resume: a generation whose folder holds ``results.json`` (written when its run ends) is skipped, an
-interrupted one resumes from its ``last.pth.tar``. Under torchrun every process runs the same loop.
+interrupted one resumes from its ``last.pth.tar`` (``--overwrite`` retrains every generation). Under torchrun every process runs the same loop.
 """
 import argparse
 import json
@@ -32,7 +32,7 @@ def generation_argv(argv: Sequence[str], args: argparse.Namespace, root: str, k:
     if k > 0:
         out += ['--kd-teacher', f'{args.model}={os.path.join(generation_dir(root, k - 1), LAST_FILE)}']
     last = os.path.join(generation_dir(root, k), LAST_FILE)
-    if os.path.isfile(last):
+    if os.path.isfile(last) and not args.overwrite:  # --overwrite: every generation starts over
         _logger.info(f'BAN generation {k}: resuming from {last}')
         out += ['--resume', last]
     return out
@@ -71,7 +71,7 @@ def run_generations(argv: Sequence[str], args: argparse.Namespace,
         results = os.path.join(generation_dir(root, k), RESULTS_FILE)
         if k > 0 and rank != 0:
             _wait_for(os.path.join(generation_dir(root, k - 1), RESULTS_FILE))
-        if os.path.isfile(results):
+        if os.path.isfile(results) and not args.overwrite:
             _logger.info(f'BAN generation {k}: finished earlier ({results}), skipped')
             with open(results) as f:
                 summaries.append(json.load(f))

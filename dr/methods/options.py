@@ -117,7 +117,8 @@ def _ban_check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
     if args.ban_generations < 0:
         parser.error(f'--ban-generations must be >= 0, got {args.ban_generations}')
     for flag, value in (('--method', args.method), ('--bake', args.bake), ('--reinforced', args.reinforced),
-                        ('--kd-teacher/--kd-model-name', args.kd_teacher), ('--resume', args.resume)):
+                        ('--kd-teacher/--kd-model-name', args.kd_teacher), ('--resume', args.resume),
+                        ('--stop-epoch', args.stop_epoch)):
         if value:
             parser.error(f'--ban-generations cannot be combined with {flag}: each generation is a plain run '
                          f'distilled from the previous one (a rerun resumes by itself)')

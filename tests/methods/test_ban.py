@@ -56,10 +56,16 @@ def test_chain_and_resume_after_a_kill(tmp_path):
     assert _flag(calls[1], '--kd-teacher') == f'test_resnet={root}/gen1/last.pth.tar'
     assert [g['output_dir'] for g in result['generations']] == [f'{root}/gen{k}' for k in range(3)]
     assert result['output_dir'] == f'{root}/gen2'
+    calls.clear()
+    overwrite = argv + ['--overwrite']
+    run_generations(overwrite, train.parse_args(overwrite)[0], _fake_main(calls))  # --overwrite: all start over
+    assert [_flag(c, '--experiment') for c in calls] == ['gen0', 'gen1', 'gen2']
+    assert not any('--resume' in c for c in calls)
 
 
 def test_bad_flag_combinations_exit_2():
-    for extra in (['--bake'], ['--kd-teacher', 'resnet10t'], ['--method', 'byot'], ['--ban-generations', '-1']):
+    for extra in (['--bake'], ['--kd-teacher', 'resnet10t'], ['--method', 'byot'], ['--stop-epoch', '1'],
+                  ['--ban-generations', '-1']):
         with pytest.raises(SystemExit) as e:
             train.parse_args(['--model', 'test_resnet', '--ban-generations', '1', *extra])
         assert e.value.code == 2
