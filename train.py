@@ -888,6 +888,9 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     """
     args, _ = parse_args(argv)
     parser = vars(args).pop('_parser')
+    if args.ban_generations:  # born-again generations, each one train.main call (dr/methods/ban.py)
+        from dr.methods.ban import run_generations
+        return run_generations(sys.argv[1:] if argv is None else argv, args)
     _check_paths(parser, args)
     _import_training_libraries()
     try:
@@ -1076,7 +1079,9 @@ def _setup_training(args: argparse.Namespace, model: nn.Module, device: torch.de
     criterion = create_criterion(args, mixup_active)
     task = create_task(args, model, criterion, device, rd_meta)
     task.to(device)
-    optimizer = create_optimizer_v2(model, **optimizer_kwargs(cfg=args), **args.opt_kwargs)
+    # a method with trainable parts beside the model (BYOT's heads, KDCL's second student) lists them all
+    optimizer = create_optimizer_v2(getattr(task, 'optimizer_module', model), **optimizer_kwargs(cfg=args),
+                                    **args.opt_kwargs)
     run = TrainRun(task=task, optimizer=optimizer, amp_autocast=_amp_context(args, device))
     if args.amp and device.type == 'cuda' and args.amp_dtype == 'float16':
         run.loss_scaler = NativeScaler(device=device.type)
@@ -1319,6 +1324,8 @@ def _eval_keys(ema: bool) -> list:
 
 def _finish(args: argparse.Namespace, run: TrainRun, result: Dict[str, Any]) -> None:
     """Rank 0 writes results.json and closes wandb; every rank leaves the process group."""
+    if args.rank == 0 and hasattr(run.task, 'save_outputs'):  # a method's extra models (KDCL's second student)
+        run.task.save_outputs(run.output_dir)
     if args.rank == 0:
         with atomic_write(os.path.join(run.output_dir, 'results.json'), 'w') as f:
             json.dump(result, f, indent=2)

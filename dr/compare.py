@@ -88,6 +88,15 @@ COMPARE_METHODS: Tuple[CompareMethod, ...] = (
                   needs=('label_maps',), paper=(DR9, 'relabel', 'resnet50_in'),
                   versus=('imagenet_plus_rrc', 'reinforced'),
                   cost_note='DR Table 9: 10 GPU hours, 10.7 GB (vs ImageNet+-RRC 1993 h, 46.3 GB)'),
+    # ---- teachers helper (BYOT, KDCL; dr/methods/byot.py, kdcl.py) ----
+    CompareMethod('byot', 'BYOT', ('--method', 'byot'), paper=(T8, 'resnet18_byot', 'cifar100'),
+                  versus=('resnet18_bake', 'bake'), cost_note='shallow classifiers on layer1-3 (training only)'),
+    CompareMethod('kdcl', 'KDCL', ('--method', 'kdcl', '--kdcl-model', demo.DemoConfig().model),
+                  paper=(T5, 'kdcl', 'top1'), versus=('bake', 'bake'),
+                  cost_note='a second student trained alongside (BAKE Table 5: extra ResNet-18)'),
+    CompareMethod('ban', 'BAN', ('--ban-generations', '1'), paper=(T4, 'ban', 'top1'), versus=('bake', 'bake'),
+                  cost_note='two trainings (generation 0 plain, generation 1 distilled from it)'),
+    # ---- end teachers helper ----
 )
 
 
