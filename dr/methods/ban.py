@@ -7,7 +7,8 @@ folder ``<output>/<experiment>/gen<k>``; the run's model is the last generation'
 test-time ensemble of the generations.
 
 Reruns resume: a generation whose folder holds ``results.json`` (written when its run ends) is skipped, an
-interrupted one resumes from its ``last.pth.tar`` (``--overwrite`` retrains every generation). Under torchrun every process runs the same loop.
+interrupted one resumes from its ``last.pth.tar`` (``--overwrite`` retrains every generation). Under torchrun every
+process runs the same loop.
 """
 import argparse
 import json
