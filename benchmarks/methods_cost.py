@@ -34,6 +34,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from train_epoch_cost import EpochRun, common_argv, ratios, reinforce_shards  # noqa: E402
 
+import reinforce  # noqa: E402
 from dr import compare  # noqa: E402
 from dr.io import atomic_write, software_versions  # noqa: E402
 
@@ -77,12 +78,27 @@ def prepare_inputs(methods: Sequence[compare.CompareMethod], work: str, args: ar
         'plain_checkpoint': random_checkpoint(os.path.join(work, 'student.pth'), args.model)}
     if 'shards' in needs:
         values['shards'] = reinforce_shards(os.path.join(work, 'shards_rrc'), 'rrc', 'digits', '', args)
+    if 'label_maps' in needs:  # ReLabel: a random 64 px annotator's maps (2x2 locations), as make compare's
+        size = str(compare.LABEL_MAP_SIZE)
+        spec = random_checkpoint(os.path.join(work, 'annotator.pth'), args.teacher_model,
+                                 img_size=compare.LABEL_MAP_SIZE)
+        maps = os.path.join(work, 'label_maps')
+        status = reinforce.main(['--label-maps', '--dataset', 'digits', '--digits-size', size, '--topk', str(args.topk),
+                                 '--teacher', spec, '-b', '64', '--workers', '0', '--no-progress', '--output', maps])
+        if status:
+            raise RuntimeError(f'reinforce.py --label-maps failed with exit status {status}')
+        values['label_maps'] = maps
     return values
+
+
+# BAN's generation loop runs whole trainings (train.main); per step, a generation k >= 1 is online KD from a copy of
+# the student, which is what is timed (its total cost is that x (N + 1) trainings)
+STEP_FLAGS = {'ban': ('--kd-teacher', '{plain_checkpoint}')}
 
 
 def method_argv(m: compare.CompareMethod, values: Dict[str, Any], args: argparse.Namespace) -> List[str]:
     base = common_argv('digits', '', args)
-    extra = compare.expand_flags(m.flags, values)
+    extra = compare.expand_flags(STEP_FLAGS.get(m.name, m.flags), values)
     return base + ['-b', str(m.group * args.batch_size), *extra]
 
 

@@ -31,3 +31,22 @@ def test_train_epoch_cost_records_paired_ratios(tmp_path):
         assert 0 <= rd['data_wait_share'] < 1 and 'function calls' in r['profiles']['reinforced']
     assert '--mixup' in result['results'][1]['plain']['argv']  # the plain run of the +mix family mixes too
     assert 'summary (median paired ratio' in res.stdout
+
+
+@pytest.mark.slow
+def test_methods_cost_times_every_selected_method_against_plain(tmp_path):
+    """benchmarks/methods_cost.py: make compare's flags per method, paired rounds, BAN timed as its KD generation."""
+    out = tmp_path / 'methods.json'
+    cmd = [sys.executable, 'benchmarks/methods_cost.py', '--methods', 'cs_kd', 'ban', '--epochs', '1', '-b', '32',
+           '--work-dir', str(tmp_path / 'w'), '--output', str(out)]
+    res = subprocess.run(cmd, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-4000:]
+    rows = {r['method']: r for r in json.loads(out.read_text())['results']}
+    assert list(rows) == ['plain', 'cs_kd', 'ban']
+    assert rows['plain']['ratio']['wall_per_step']['median'] == 1.0
+    assert rows['cs_kd']['steps'] == rows['plain']['steps'] and rows['cs_kd']['images'] == 2 * rows['plain']['images']
+    assert '--class-aware-intra' in rows['cs_kd']['argv'] and '64' in rows['cs_kd']['argv']  # 32 anchors + 32 mates
+    assert '--kd-teacher' in rows['ban']['argv'] and '--ban-generations' not in rows['ban']['argv']
+    for r in rows.values():
+        q = r['ratio']['wall_per_step']
+        assert q['min'] <= q['median'] <= q['max'] and q['median'] > 0
