@@ -109,6 +109,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     methods = compare.method_table(args.methods)
     with contextlib.ExitStack() as stack:
         work = args.work_dir or stack.enter_context(tempfile.TemporaryDirectory(prefix='methods_cost_'))
+        os.makedirs(work, exist_ok=True)
         values = prepare_inputs(methods, work, args)
         runs = [EpochRun(m.name, method_argv(m, values, args)) for m in methods]
         for run in runs:  # warm-up: caches, allocator, first-epoch work (e.g. PS-KD has no stored predictions yet)

@@ -204,9 +204,18 @@ def test_bad_inputs(ref, ckpts, tmp_path, capsys):
     assert '--output is required' in capsys.readouterr().err
 
 
+LABEL_MAP_RECIPES = {'relabel_effnet_l2.yaml': 'tf_efficientnet_l2.ns_jft_in1k_475'}  # DR Table 9 row ReLabel, top-5
+
+
 def test_recipes_load_through_the_parser():
     folder = os.path.join(REPO, 'hparams', 'dr', 'reinforce')
-    assert sorted(os.listdir(folder)) == sorted(RECIPES)
+    assert sorted(os.listdir(folder)) == sorted([*RECIPES, *LABEL_MAP_RECIPES])
+    for name, teacher in LABEL_MAP_RECIPES.items():
+        path = os.path.join(folder, name)
+        args, _ = reinforce.parse_args(['-c', path])
+        assert args.label_maps and args.topk == 5 and args.pretrained and args.num_classes == 1000, name
+        assert [parse_teacher_spec(t)[0] for t in args.teacher] == [teacher], name
+        assert open(path).readline().startswith('#')
     for name, (num_samples, topk, aug) in RECIPES.items():
         path = os.path.join(folder, name)
         args, _ = reinforce.parse_args(['-c', path])
