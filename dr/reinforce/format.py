@@ -34,6 +34,8 @@ import torch
 import webdataset as wds
 import xxhash
 
+from .. import storage
+
 _logger = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 2
@@ -262,7 +264,9 @@ def load_meta(dir_or_url: Union[str, Sequence[str]]) -> Dict[str, Any]:
     """
     path = _meta_path(dir_or_url)
     try:
-        if '://' in path and not path.startswith('file://'):
+        if storage.is_remote(path):
+            text = storage.read_bytes(path).decode('utf-8')
+        elif '://' in path and not path.startswith('file://'):
             with wds.gopen(path) as f:
                 text = f.read().decode('utf-8')
         else:
