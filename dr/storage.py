@@ -14,6 +14,7 @@ timeouts, 5xx, throttling), each retry logged. A stream cut short in transit is 
 within the same budget. A missing bucket or key, a 403 and an exhausted budget raise :class:`StorageError` (a
 ``ValueError``: the scripts print ``error:`` and exit 2) naming the URL.
 """
+import contextlib
 import http.client
 import importlib
 import logging
@@ -22,7 +23,7 @@ import socket
 import time
 import urllib.error
 import urllib.request
-from typing import Any, Callable, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, Optional, Tuple
 
 import webdataset  # noqa: F401 (loads webdataset.gopen, whose name the package rebinds to the function)
 
@@ -70,7 +71,10 @@ def s3_client() -> Any:
     if cache_key not in _clients:
         import boto3
         from botocore.config import Config
-        config = Config(connect_timeout=timeout(), read_timeout=timeout(), retries={'total_max_attempts': 1})
+        # checksums only where S3 requires them: S3-compatible stores often reject the newer default CRC headers,
+        # and the body is then streamed once (not read ahead to checksum it)
+        config = Config(connect_timeout=timeout(), read_timeout=timeout(), retries={'total_max_attempts': 1},
+                        request_checksum_calculation='when_required', response_checksum_validation='when_required')
         _clients[cache_key] = boto3.session.Session().client('s3', endpoint_url=endpoint, config=config)
     return _clients[cache_key]
 
@@ -228,6 +232,81 @@ def size(url: str) -> int:
             raise StorageError(f'{url}: the server gives no Content-Length')
         return int(length)
     return with_retries('get the size of', url, head)
+
+
+def list_sizes(prefix_url: str) -> Dict[str, int]:
+    """``{name: bytes}`` of the objects directly under ``s3://bucket/prefix/`` (HTTP cannot list)."""
+    if not prefix_url.startswith('s3://'):
+        raise StorageError(f'{prefix_url}: only s3:// folders can be listed (and written)')
+    bucket, prefix = split_s3(prefix_url.rstrip('/') + '/')
+
+    def listing() -> Dict[str, int]:
+        out: Dict[str, int] = {}
+        pages = s3_client().get_paginator('list_objects_v2').paginate(Bucket=bucket, Prefix=prefix, Delimiter='/')
+        for page in pages:
+            for obj in page.get('Contents', []):
+                out[obj['Key'][len(prefix):]] = int(obj['Size'])
+        return out
+    return with_retries('list', prefix_url, listing)
+
+
+UPLOAD_CRASH_ENV = 'DR_STORAGE_CRASH_MID_UPLOAD'  # test hook: die (os._exit) after this many bytes of an upload
+
+
+def upload_file(path: str, url: str) -> None:
+    """Upload local file ``path`` to ``s3://bucket/key``. An S3 object appears under its name only once its upload
+    completed (single PUT or completed multipart upload), so a killed upload leaves nothing under ``url``."""
+    bucket, key = split_s3(url)
+    crash_after = os.environ.get(UPLOAD_CRASH_ENV)
+    if crash_after is not None:  # the test hook: the process dies while the request body is being sent
+        with open(path, 'rb') as f:
+            body = _DyingReader(f, int(crash_after))
+            s3_client().put_object(Bucket=bucket, Key=key, Body=body, ContentLength=os.path.getsize(path))
+        return
+    with_retries('upload to', url, lambda: s3_client().upload_file(path, bucket, key))
+
+
+class _DyingReader:
+    """A file whose reader dies (``os._exit(17)``) once ``limit`` bytes were read (:data:`UPLOAD_CRASH_ENV`)."""
+
+    def __init__(self, f: Any, limit: int):
+        self.f, self.limit, self.sent = f, limit, 0
+
+    def read(self, n: int = -1) -> bytes:
+        if self.sent >= self.limit:
+            os._exit(17)
+        data = self.f.read(min(n, self.limit - self.sent + 1) if n and n > 0 else self.limit - self.sent + 1)
+        self.sent += len(data)
+        return data
+
+    def seek(self, *args: Any) -> int:
+        return self.f.seek(*args)
+
+    def tell(self) -> int:
+        return self.f.tell()
+
+
+def put_bytes(url: str, data: bytes) -> None:
+    """Write ``data`` to ``url``: a local temporary file, uploaded when complete (:func:`upload_file`)."""
+    import tempfile
+    with tempfile.NamedTemporaryFile(prefix='.dr-upload-', suffix='.tmp') as f:
+        f.write(data)
+        f.flush()
+        upload_file(f.name, url)
+
+
+@contextlib.contextmanager
+def fetched(url: str) -> Iterator[str]:
+    """Download ``url`` to a local temporary file (streamed, 1 MiB at a time); yields its path, removed after."""
+    import tempfile
+    with tempfile.NamedTemporaryFile(prefix='.dr-fetch-', suffix='.tmp') as f, open_read(url) as stream:
+        while True:
+            chunk = stream.read(1 << 20)
+            if not chunk:
+                break
+            f.write(chunk)
+        f.flush()
+        yield f.name
 
 
 def _gopen_remote(url: str, mode: str = 'rb', bufsize: int = 8192, **kw: Any) -> RemoteReader:

@@ -9,7 +9,6 @@ import contextlib
 import functools
 import http.server
 import os
-import socket
 import subprocess
 import sys
 import threading
@@ -32,7 +31,7 @@ def _wait_ready(url: str, proc: subprocess.Popen) -> None:
             return
         except urllib.error.HTTPError:
             return  # it answers
-        except (OSError, socket.timeout):
+        except (TimeoutError, OSError):
             time.sleep(0.2)
     raise RuntimeError(f'server {url} not ready within {READY_SECONDS} s')
 

@@ -246,6 +246,8 @@ def _meta_path(dir_or_url: Union[str, Sequence[str]]) -> str:
         return os.path.join(s, META_NAME)
     if s.endswith('.json'):
         return s
+    if storage.is_remote(s) and not s.endswith('.tar') and '{' not in s:  # a remote output folder
+        return s.rstrip('/') + '/' + META_NAME
     if s.startswith('pipe:'):
         raise ValueError(f'Cannot locate {META_NAME} for {s!r}: pass the directory (or the URL of {META_NAME})')
     # a shard file, brace pattern or URL: reinforce.json sits next to the shards
