@@ -22,6 +22,7 @@ from typing import Optional, Sequence, Tuple
 import torch
 import torch.distributed as dist
 
+from dr import storage
 from dr.config import create_config_parser, resolve_dataset_name, save_args_yaml
 from dr.config import parse_args as dr_parse_args
 from dr.reinforce.augment import create_augment_spec
@@ -268,7 +269,9 @@ def run_reinforce(args, args_text: str) -> int:
         amp_dtype=_amp_dtype(args), channels_last=args.channels_last, device=device, rank=rank,
         world_size=world_size, dataset_info=dataset_info, progress=not args.no_progress)
     writer.check_output()
-    if rank == 0:
+    if rank == 0 and storage.is_remote(args.output):
+        storage.put_bytes(args.output.rstrip('/') + '/args.yaml', args_text.encode())
+    elif rank == 0:
         os.makedirs(args.output, exist_ok=True)
         save_args_yaml(args_text, args.output)
     result = writer.run()

@@ -34,6 +34,8 @@ import torch
 import webdataset as wds
 import xxhash
 
+from .. import storage
+
 _logger = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 2  # DR records (per-augmentation top-k); label maps are written as LABEL_MAP_SCHEMA_VERSION
@@ -254,6 +256,8 @@ def _meta_path(dir_or_url: Union[str, Sequence[str]]) -> str:
         return os.path.join(s, META_NAME)
     if s.endswith('.json'):
         return s
+    if storage.is_remote(s) and not s.endswith('.tar') and '{' not in s:  # a remote output folder
+        return s.rstrip('/') + '/' + META_NAME
     if s.startswith('pipe:'):
         raise ValueError(f'Cannot locate {META_NAME} for {s!r}: pass the directory (or the URL of {META_NAME})')
     # a shard file, brace pattern or URL: reinforce.json sits next to the shards
@@ -272,7 +276,9 @@ def load_meta(dir_or_url: Union[str, Sequence[str]]) -> Dict[str, Any]:
     """
     path = _meta_path(dir_or_url)
     try:
-        if '://' in path and not path.startswith('file://'):
+        if storage.is_remote(path):
+            text = storage.read_bytes(path).decode('utf-8')
+        elif '://' in path and not path.startswith('file://'):
             with wds.gopen(path) as f:
                 text = f.read().decode('utf-8')
         else:

@@ -59,6 +59,7 @@ from torch.utils.data import DataLoader, get_worker_info
 from webdataset.shardlists import expand_urls
 from webdataset.tariterators import group_by_keys, tar_file_iterator
 
+from .. import storage
 from ..io import sha256_file
 from . import device_replay
 from .augment import AugmentSpec, apply_record_pil, erase_fill, mix_, needs_partner, partner_fields, re_pixel_box
@@ -154,6 +155,9 @@ def resolve_reinforced(urls: Urls, where_flag: str = '--reinforced') -> Tuple[Li
             meta = _load_meta(part, where_flag)
             base = part.rsplit('/', 1)[0] if '/' in part else '.'
             shard_urls.extend(f'{base}/{s["name"]}' for s in meta['shards'])
+        elif storage.is_remote(part) and not part.endswith('.tar') and '{' not in part:  # a remote output folder
+            meta = _load_meta(part.rstrip('/') + '/' + META_NAME, where_flag)
+            shard_urls.extend(f'{part.rstrip("/")}/{s["name"]}' for s in meta['shards'])
         elif _local_path(part) is not None and os.path.isdir(_local_path(part)):
             directory = _local_path(part)
             tars = sorted(n for n in os.listdir(directory) if n.endswith('.tar') and not n.startswith('.'))
@@ -270,6 +274,9 @@ def check_reinforced(
         local = _local_path(url)
         entry = listed[_shard_basename(url)]
         if local is None:
+            if storage.is_remote(url) and 'bytes' in entry and storage.size(url) != int(entry['bytes']):
+                raise ValueError(f'{where_flag}: shard {url} has {storage.size(url)} bytes but {meta_path} lists '
+                                 f'{entry["bytes"]} (truncated or modified)')
             continue
         if not os.path.isfile(local):
             raise ValueError(f'{where_flag}: shard {url} listed in {meta_path} does not exist')
@@ -370,7 +377,7 @@ class _ShardReader:
                     self.checksums = decode_checksums(data, f'{self.where_flag}: shard {self.url}')
                 elif not name.startswith('__'):
                     yield {'fname': name, 'data': data, '__url__': self.url}
-        except (tarfile.TarError, TarFormatError, OSError, EOFError) as e:
+        except (tarfile.TarError, TarFormatError, storage.StorageError, OSError, EOFError) as e:
             raise self._error(e) from e
 
     def samples(self, start: int, stop: int, count: int, check_count: bool = True) -> Iterator[Dict[str, Any]]:

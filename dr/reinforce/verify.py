@@ -12,6 +12,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 import numpy as np
 import torch
 
+from .. import storage
 from ..io import atomic_write, sha256_file
 from .augment import decode_image, needs_partner, replay
 from .format import (
@@ -236,6 +237,34 @@ def _check_files(directory: str, meta: Dict[str, Any]) -> List[Dict[str, str]]:
     return problems
 
 
+def _verify_remote_shards(url: str, meta: Dict[str, Any], checker: '_ShardChecker') -> Tuple[List[Dict[str, str]], int]:
+    """(problems, images read) of the shards under a remote folder: listed (S3 listing), then each shard fetched to
+    a temporary file (one at a time) and checked as a local one: size, sha256 and every sample."""
+    base, problems, position, images = url.rstrip('/'), [], 0, 0
+    listed = {s['name'] for s in meta['shards']}
+    if base.startswith('s3://'):
+        for name in sorted(storage.list_sizes(base)):
+            if SHARD_RE.match(name) and name not in listed:
+                problems.append({'shard': name, 'problem': f'not listed in {META_NAME}'})
+    for entry in meta['shards']:
+        try:
+            with storage.fetched(f'{base}/{entry["name"]}') as path:
+                size = os.path.getsize(path)
+                if size != entry['bytes']:
+                    problems.append({'shard': entry['name'],
+                                     'problem': f'{size} bytes, {META_NAME} says {entry["bytes"]} (truncated?)'})
+                elif sha256_file(path) != entry['sha256']:
+                    problems.append({'shard': entry['name'], 'problem': f'sha256 differs from {META_NAME} (modified?)'})
+                count, problem = checker.shard(entry, path, position)
+                images += count
+                if problem:
+                    problems.append({'shard': entry['name'], 'problem': problem})
+        except storage.StorageError as e:
+            problems.append({'shard': entry['name'], 'problem': f'missing or unreadable ({e})'})
+        position += int(entry['count'])
+    return problems, images
+
+
 def check_teacher_matches(teacher, meta: Dict[str, Any], where_flag: str = '--teacher') -> None:
     """The teacher given to ``--verify`` must be the one the shards were written with: names, and each member's
     input size, mean, std and interpolation (``--teacher-img-size`` included).
@@ -312,7 +341,9 @@ def verify_dir(
         record_check = check_label_map_records
         num_replays = 0
     problems = [{'shard': META_NAME, 'problem': p} for p in meta_problems(meta)]
-    problems += sidecar_problems(directory, meta) + _check_files(directory, meta)
+    remote = storage.is_remote(directory)
+    if not remote:
+        problems += sidecar_problems(directory, meta) + _check_files(directory, meta)
     total_images = sum(int(s['count']) for s in meta['shards'])
     rng = np.random.default_rng(seed)
     picks: Dict[int, int] = {}
@@ -321,7 +352,10 @@ def verify_dir(
         picks = {int(p): int(rng.integers(int(meta['num_samples']))) for p in chosen}
     checker = _ShardChecker(meta, picks, record_check)
     position = images = 0
-    for entry in meta['shards']:
+    if remote:
+        remote_problems, images = _verify_remote_shards(directory, meta, checker)
+        problems += remote_problems
+    for entry in [] if remote else meta['shards']:
         path = os.path.join(directory, entry['name'])
         if os.path.isfile(path):
             count, problem = checker.shard(entry, path, position)

@@ -21,6 +21,7 @@ import collections
 import concurrent.futures
 import dataclasses
 import datetime
+import functools
 import hashlib
 import json
 import logging
@@ -34,6 +35,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from .. import storage
 from ..io import atomic_write, sha256_file, software_versions
 from .augment import (
     AugmentSpec,
@@ -78,6 +80,11 @@ def image_rng(seed: int, index: int) -> np.random.Generator:
 def rank_shards(num_shards: int, rank: int, world_size: int) -> List[int]:
     """Shards written by ``rank``: ``rank, rank + world_size, ...`` (disjoint, together all shards)."""
     return list(range(rank, num_shards, world_size))
+
+
+def _read_text(path: str) -> str:
+    with open(path) as f:
+        return f.read()
 
 
 def sidecar_name(index: int) -> str:
@@ -369,18 +376,9 @@ class ShardStore:
         Raises:
             ValueError: naming ``--output`` and the sidecar/reinforce.json whose configuration differs.
         """
-        if not os.path.isdir(self.output):
-            return
-        candidates = [n for n in os.listdir(self.output) if n.startswith('.') and n.endswith('.json')
-                      and n[1:7].isdigit() and len(n) == len('.000000.json')]
-        paths = [os.path.join(self.output, n) for n in sorted(candidates)]
-        meta_path = os.path.join(self.output, META_NAME)
-        if os.path.isfile(meta_path):
-            paths.insert(0, meta_path)
-        for path in paths:
+        for path, read in self.stored_configs():
             try:
-                with open(path) as f:
-                    other = json.load(f).get('config')
+                other = json.loads(read()).get('config')
             except (OSError, ValueError, AttributeError):
                 _logger.warning(f'Ignoring unreadable {path}')
                 continue
@@ -393,6 +391,42 @@ class ShardStore:
                     f'--output {self.output} holds shards from a different configuration ({path}): '
                     + '; '.join(diffs[:8]) + ('; ...' if len(diffs) > 8 else '')
                     + '. Use another --output or delete the old shards.')
+
+    def stored_configs(self) -> List[Tuple[str, Any]]:
+        """(path, read() -> text) of reinforce.json and the sidecars already in the output."""
+        if not os.path.isdir(self.output):
+            return []
+        candidates = [n for n in os.listdir(self.output) if n.startswith('.') and n.endswith('.json')
+                      and n[1:7].isdigit() and len(n) == len('.000000.json')]
+        paths = [os.path.join(self.output, n) for n in sorted(candidates)]
+        meta_path = os.path.join(self.output, META_NAME)
+        if os.path.isfile(meta_path):
+            paths.insert(0, meta_path)
+        return [(p, functools.partial(_read_text, p)) for p in paths]
+
+    def size_of(self, index: int) -> Optional[int]:
+        """Bytes of shard ``index`` in the output, None when absent."""
+        path = self.path(index)
+        return os.path.getsize(path) if os.path.isfile(path) else None
+
+    def put_meta(self, meta: Dict[str, Any]) -> None:
+        with atomic_write(os.path.join(self.output, META_NAME), 'w') as f:
+            json.dump(meta, f, indent=1)
+
+    def store(self, index: int, data: bytes, info_of: Any) -> Dict[str, Any]:
+        """Write shard ``index``'s bytes, then its sidecar ``info_of()`` (crash test hook in between)."""
+        crash_after = os.environ.get(CRASH_ENV)
+        with atomic_write(self.path(index), 'wb') as f:
+            f.write(data)
+        if crash_after is not None and self.written >= int(crash_after):
+            # test hook: the shard file is in place but its sidecar is not, and a stray temp file is left behind
+            with open(os.path.join(self.output, f'.{shard_name(index)}.crash.tmp'), 'wb') as f:
+                f.write(data[:len(data) // 2])
+            os._exit(17)
+        info = info_of()
+        with atomic_write(self.sidecar_path(index), 'w') as f:
+            json.dump(info, f, indent=1)
+        return info
 
     def known_info(self, index: int) -> Optional[Dict[str, Any]]:
         """Shard ``index``'s sidecar when it was written for this configuration."""
@@ -454,15 +488,7 @@ class ShardStore:
         samples = [{'key': it['key'], 'image_ext': it['ext'], 'image': it['image'], 'label': it['label'],
                     'records': encode_records(it['records']), 'index': it['index']} for it in items]
         data = build_shard(samples, shard=shard_name(index))
-        crash_after = os.environ.get(CRASH_ENV)
-        with atomic_write(self.path(index), 'wb') as f:
-            f.write(data)
-        if crash_after is not None and self.written >= int(crash_after):
-            # test hook: the shard file is in place but its sidecar is not, and a stray temp file is left behind
-            with open(os.path.join(self.output, f'.{shard_name(index)}.crash.tmp'), 'wb') as f:
-                f.write(data[:len(data) // 2])
-            os._exit(17)
-        info = {
+        info = self.store(index, data, lambda: {
             'name': shard_name(index),
             'index': index,
             'count': len(items),
@@ -473,9 +499,7 @@ class ShardStore:
             'label_correct': int(sum(int((it['records']['ids'][:, 0] == it['label']).sum()) for it in items)),
             'augmentations': len(items) * num_samples,
             'config': self.config,
-        }
-        with atomic_write(self.sidecar_path(index), 'w') as f:
-            json.dump(info, f, indent=1)
+        })
         self.written += 1
         return info
 
@@ -492,8 +516,7 @@ class ShardStore:
         shards, label_correct = [], 0
         for s in range(num_shards):
             info = self.known_info(s)
-            path = self.path(s)
-            if info is None or not os.path.isfile(path) or os.path.getsize(path) != info['bytes']:
+            if info is None or self.size_of(s) != info['bytes']:
                 raise RuntimeError(f'shard {shard_name(s)} in {self.output} is not complete; rerun reinforce.py with '
                                    f'the same arguments to finish it')
             shards.append({k: info[k] for k in ('name', 'count', 'sha256', 'bytes', 'image_bytes')})
@@ -512,9 +535,16 @@ class ShardStore:
             'created': datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'),
             'config': self.config,
         }
-        with atomic_write(os.path.join(self.output, META_NAME), 'w') as f:
-            json.dump(meta, f, indent=1)
+        self.put_meta(meta)
         return meta
+
+
+def create_shard_store(output: str, config: Dict[str, Any]) -> ShardStore:
+    """The store of ``--output``: a local directory, or an ``s3://`` prefix (:mod:`dr.reinforce.remote_store`)."""
+    if storage.is_remote(output):
+        from .remote_store import RemoteShardStore
+        return RemoteShardStore(output, config)
+    return ShardStore(output, config)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -590,7 +620,7 @@ class Reinforcer:
         self.batcher = TeacherBatcher(teacher, spec, batch_size=batch_size, topk=self.topk,
                                       ids_dtype=self.dtype['ids'].base, device=self.device, amp_dtype=amp_dtype,
                                       channels_last=channels_last)
-        self.store = ShardStore(output, json.loads(json.dumps(self.content_config())))
+        self.store = create_shard_store(output, json.loads(json.dumps(self.content_config())))
 
     @property
     def num_images(self) -> int:
@@ -687,7 +717,8 @@ class Reinforcer:
 
     def run(self) -> Dict[str, Any]:
         """Write every incomplete shard of this rank. Returns counts and timing of this rank's work."""
-        os.makedirs(self.output, exist_ok=True)
+        if not storage.is_remote(self.output):
+            os.makedirs(self.output, exist_ok=True)
         self.check_output()
         todo, skipped = self.plan_shards()
         items = self.plan.indices(todo)

@@ -1,0 +1,102 @@
+"""Real servers on 127.0.0.1 for the remote-storage tests: moto's standalone S3 server and a plain HTTP file server.
+
+moto (``moto[server]``) is the S3 emulation most used in Python projects and installs from PyPI with no binary; it
+speaks the S3 REST protocol boto3 uses (ranges, listings, error codes NoSuchBucket/NoSuchKey). The HTTP server is
+the standard library's ``http.server`` with two test hooks: paths under ``/forbidden/`` answer 403, and paths under
+``/cut/`` announce the file's full length but send only half of it (a shard cut short in transit).
+"""
+import contextlib
+import functools
+import http.server
+import os
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from typing import Iterator
+
+from tests.helpers import free_port
+
+READY_SECONDS = 30
+
+
+def _wait_ready(url: str, proc: subprocess.Popen) -> None:
+    deadline = time.monotonic() + READY_SECONDS
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f'server for {url} exited with status {proc.returncode}')
+        try:
+            urllib.request.urlopen(url, timeout=1).close()
+            return
+        except urllib.error.HTTPError:
+            return  # it answers
+        except (TimeoutError, OSError):
+            time.sleep(0.2)
+    raise RuntimeError(f'server {url} not ready within {READY_SECONDS} s')
+
+
+@contextlib.contextmanager
+def moto_server() -> Iterator[str]:
+    """moto's S3 server on a free loopback port; yields its endpoint URL and stops it at the end."""
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, '-m', 'moto.server', '-H', '127.0.0.1', '-p', str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    endpoint = f'http://127.0.0.1:{port}'
+    try:
+        _wait_ready(endpoint, proc)
+        yield endpoint
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)
+
+
+class _Handler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args) -> None:  # quiet
+        pass
+
+    def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+        if self.path.startswith('/forbidden/'):
+            self.send_error(403, 'Forbidden')
+            return
+        if self.path.startswith('/cut/'):
+            path = self.translate_path('/' + self.path[len('/cut/'):])
+            if not os.path.isfile(path):
+                self.send_error(404)
+                return
+            with open(path, 'rb') as f:
+                data = f.read()
+            self.send_response(200)
+            self.send_header('Content-Length', str(len(data)))
+            self.end_headers()
+            self.wfile.write(data[:len(data) // 2])
+            self.close_connection = True
+            return
+        super().do_GET()
+
+    def do_HEAD(self) -> None:  # noqa: N802
+        if self.path.startswith('/forbidden/'):
+            self.send_error(403, 'Forbidden')
+            return
+        if self.path.startswith('/cut/'):
+            self.path = '/' + self.path[len('/cut/'):]
+        super().do_HEAD()
+
+
+@contextlib.contextmanager
+def http_server(directory: str) -> Iterator[str]:
+    """``http.server`` serving ``directory`` on a free loopback port (a thread of this process); yields its base
+    URL."""
+    server = http.server.ThreadingHTTPServer(('127.0.0.1', 0), functools.partial(_Handler, directory=directory))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f'http://127.0.0.1:{server.server_address[1]}'
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=10)
