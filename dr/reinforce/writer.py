@@ -671,6 +671,8 @@ class Reinforcer:
         """(this rank's shards still to write, number already complete); temporary files of interrupted writes of this
         rank's shards (and, on rank 0, of reinforce.json, args.yaml, stats.json) are removed."""
         mine = rank_shards(self.num_shards, self.rank, self.world_size)
+        if self.world_size > 1:
+            _logger.info(f'rank {self.rank} of {self.world_size} writes shards {", ".join(map(shard_name, mine))}')
         todo = []
         for s in mine:
             lo, hi = self.plan.shard_range(s)
