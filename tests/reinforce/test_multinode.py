@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from dr import storage
+from dr.checkpoint import load_checkpoint_file
 from dr.reinforce.format import iter_shard
 from tests.helpers import REPO, free_port
 from tests.reinforce.common import N_IMAGES, reinforce_args, shard_bytes
@@ -163,7 +164,7 @@ def _records(prefix: str) -> List[list]:
 
 
 def _weights(folder: str) -> Dict[str, torch.Tensor]:
-    return torch.load(os.path.join(folder, 'run', 'last.pth.tar'), map_location='cpu', weights_only=True)['state_dict']
+    return load_checkpoint_file(os.path.join(folder, 'run', 'last.pth.tar'))['state_dict']
 
 
 def test_two_node_training_from_s3_is_the_single_node_run(two_node_reinforcement, ref, s3, tmp_path):
