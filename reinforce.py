@@ -201,6 +201,7 @@ def run_stats(args) -> int:
 def run_import(args, args_text: str) -> int:
     if not args.output or not args.import_data_dir:
         raise ValueError('--import-ml-dr needs --data-dir (the image folder) and --output (the shard directory)')
+    _check_remote_output(args.output, '--import-ml-dr')
     os.makedirs(args.output, exist_ok=True)
     save_args_yaml(args_text, args.output)
     meta = import_mldr(args.import_ml_dr, args.import_data_dir, args.output, num_classes=args.num_classes,
@@ -230,9 +231,22 @@ def run_show(args) -> int:
     return 0
 
 
+def _check_remote_output(output: str, mode: str = '') -> None:
+    """Stored augmentations may go to ``s3://``; HTTP cannot be written, and ``mode`` (label maps, imports) writes
+    local folders only."""
+    if not storage.is_remote(output):
+        return
+    if not output.startswith('s3://'):
+        raise ValueError(f'--output {output}: only local folders and s3:// prefixes can be written (HTTP is read-only)')
+    if mode:
+        raise ValueError(f'--output {output}: {mode} writes a local folder; upload it afterwards (e.g. aws s3 sync) '
+                         f'or reinforce with --output s3://... directly')
+
+
 def run_reinforce(args, args_text: str) -> int:
     if not args.output:
         raise ValueError('--output is required (directory for the shards)')
+    _check_remote_output(args.output, '--label-maps' if args.label_maps else '')
     if not args.teacher:
         raise ValueError('--teacher is required (one or more timm model names, optionally name=checkpoint)')
     if args.seed < 0:

@@ -195,3 +195,15 @@ def test_verify_remote_finds_a_modified_shard(rd, s3):
     assert verify_dir(f's3://{BUCKET}/{PREFIX}')['ok']
     report = verify_dir(url)
     assert not report['ok'] and {p['shard'] for p in report['problems']} == {'000002.tar'}
+
+
+@pytest.mark.parametrize('argv, message', [
+    (['--output', 'http://127.0.0.1:9/rd'], 'only local folders and s3:// prefixes can be written'),
+    (['--label-maps', '--output', 's3://b/rd'], '--label-maps writes a local folder'),
+])
+def test_unwritable_remote_outputs_are_refused_before_any_work(tmp_path, capsys, argv, message):
+    import reinforce
+    status = reinforce.main(['--dataset', 'digits', '--max-images', '4', '--teacher', 'test_resnet', '--device', 'cpu',
+                             '--no-progress', *argv])
+    err = capsys.readouterr().err
+    assert status == 2 and message in err and argv[-1] in err
