@@ -35,6 +35,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/bake_overhead.py
 	$(PY) benchmarks/reinforce_throughput.py
 	$(PY) benchmarks/loader_throughput.py
+	$(PY) benchmarks/loader_throughput.py --remote
 	$(PY) benchmarks/mixing_throughput.py
 	$(PY) benchmarks/validate_throughput.py
 	$(PY) benchmarks/train_epoch_cost.py --data digits photos

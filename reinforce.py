@@ -14,6 +14,7 @@ stored augmentations (explicit parameters) with the teacher ensemble's top-``--t
 """
 import argparse
 import datetime
+import json
 import logging
 import os
 import sys
@@ -190,12 +191,32 @@ def run_verify(args) -> int:
 
 def run_stats(args) -> int:
     stats = compute_stats(args.stats)
-    path = write_stats(args.stats, stats)
     width = max(len(k) for k in stats)
     for k, v in stats.items():
         print(f'{k:<{width}}  {v:.6g}' if isinstance(v, float) else f'{k:<{width}}  {v}')
+    path = _stats_destination(args)
+    if path is None:
+        _logger.warning(f'--stats {args.stats}: stats.json not written (an http(s):// folder cannot be written; pass '
+                        f'--output DIR to write DIR/stats.json)')
+        return 0
+    if storage.is_remote(path):
+        storage.put_bytes(f'{path}/stats.json', json.dumps(stats, indent=1).encode())  # appears when complete
+        path = f'{path}/stats.json'
+    else:
+        os.makedirs(path, exist_ok=True)
+        path = write_stats(path, stats)
     print(f'wrote {path}')
     return 0
+
+
+def _stats_destination(args) -> Optional[str]:
+    """Where ``--stats`` writes stats.json: ``--output`` when given, else next to the shards (a local folder or
+    ``s3://``); None for an ``http(s)://`` folder without ``--output``."""
+    if args.output:
+        return args.output.rstrip('/') if storage.is_remote(args.output) else args.output
+    if storage.is_remote(args.stats):
+        return args.stats.rstrip('/') if args.stats.startswith('s3://') else None
+    return args.stats
 
 
 def run_import(args, args_text: str) -> int:
@@ -204,6 +225,7 @@ def run_import(args, args_text: str) -> int:
     _check_remote_output(args.output, '--import-ml-dr')
     os.makedirs(args.output, exist_ok=True)
     save_args_yaml(args_text, args.output)
+    # an http(s):// or s3:// archive (how ml-dr publishes them) is downloaded when pass 1 needs it
     meta = import_mldr(args.import_ml_dr, args.import_data_dir, args.output, num_classes=args.num_classes,
                        shard_size=args.shard_size, seed=args.seed, workers=args.workers,
                        progress=not args.no_progress)

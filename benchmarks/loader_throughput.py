@@ -38,6 +38,10 @@ Examples::
     python benchmarks/loader_throughput.py --compare-tar-readers -j 0 --digits-size 384 --img-size 224 \
         --image-format jpg --max-images 512                         # ImageNet-like decode cost per sample
     python benchmarks/loader_throughput.py --compare-checks -j 0 --epochs 8
+    python benchmarks/loader_throughput.py --remote --aug rrc+ra_re+mix     # local vs S3 vs HTTP on 127.0.0.1
+
+``--remote`` times the reinforced loader over the same shards from a local folder, moto's S3 server and
+``http.server`` on loopback (``benchmarks/loader_remote.py``).
 """
 import argparse
 import io
@@ -105,6 +109,11 @@ def create_parser() -> argparse.ArgumentParser:
                              'and duplicate keys)')
     parser.add_argument('--compare-tar-readers', action='store_true',
                         help='time the reinforced loader with WebDataset\'s tar reader vs a hand-written one')
+    parser.add_argument('--remote', action='store_true',
+                        help='time the reinforced loader over the same shards from a local folder, an S3 server and '
+                             'an HTTP server on 127.0.0.1 (benchmarks/loader_remote.py)')
+    parser.add_argument('--aug', default='rrc+ra_re', choices=('rrc', 'rrc+ra_re', 'rrc+mix', 'rrc+ra_re+mix'),
+                        help='augmentation of the fake shards, with --remote (+mix: partner reads)')
     return parser
 
 
@@ -306,8 +315,16 @@ def build_rd_loader(rd_dir: str, meta: Dict[str, Any], num_classes: int, args, d
 
 
 def main(argv: List[str] = None) -> Dict[str, Any]:
-    args = create_parser().parse_args(argv)
+    parser = create_parser()
+    args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format='%(message)s')
+    if args.aug != 'rrc+ra_re' and not args.remote:
+        parser.error('--aug is a --remote setting (the timm comparison uses rrc+ra_re)')
+    if args.remote:
+        if args.reinforced or args.compare_checks or args.compare_tar_readers:
+            parser.error('--remote writes its own shards and compares stores: not with --reinforced or --compare-*')
+        from loader_remote import run_remote
+        return run_remote(args)
     images = BenchImages(args.digits_size, args.image_format, args.max_images)
     num_classes = len(images.classes)
     work = args.work_dir or tempfile.mkdtemp(prefix='loader_throughput_')

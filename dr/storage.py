@@ -219,6 +219,35 @@ def read_bytes(url: str) -> bytes:
         return f.read()
 
 
+def read_range(url: str, offset: int, length: int) -> bytes:
+    """``length`` bytes of a remote object from byte ``offset`` (S3 ``Range`` GET, HTTP ``Range`` request), bounded
+    and retried like every call here; a server that ignores ``Range`` (answers 200) raises :class:`StorageError`."""
+    if length <= 0:
+        return b''
+    ranged = f'bytes={offset}-{offset + length - 1}'
+
+    def get() -> bytes:
+        if url.startswith('s3://'):
+            bucket, key = split_s3(url)
+            body = s3_client().get_object(Bucket=bucket, Key=key, Range=ranged)['Body']
+        else:
+            body = urllib.request.urlopen(urllib.request.Request(url, headers={'Range': ranged}), timeout=timeout())
+            if body.status != 206:
+                body.close()
+                raise StorageError(f'{url}: the server ignores Range requests (HTTP {body.status}): random access '
+                                   f'(+mix partners) needs a server that answers Range with 206')
+        try:
+            data = body.read()
+        except Exception as e:  # a reset connection or a read timeout mid-body: retried
+            raise ConnectionResetError(f'body read failed ({_describe(e)})') from e
+        finally:
+            body.close()
+        if len(data) != length:
+            raise ConnectionResetError(f'{len(data)} of {length} bytes at byte {offset}')
+        return data
+    return with_retries(f'read bytes {offset}..{offset + length - 1} of', url, get)
+
+
 def size(url: str) -> int:
     """The size of a remote object in bytes (HEAD)."""
     def head() -> int:

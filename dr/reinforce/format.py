@@ -21,6 +21,7 @@ hold them in dataset order and have no checksum table.
 
 Nothing here unpickles: records load with ``np.load(..., allow_pickle=False)``.
 """
+import contextlib
 import io
 import json
 import logging
@@ -500,26 +501,36 @@ def iter_shard(fileobj_or_path: Union[str, io.IOBase], where: str) -> Iterator[D
 
 def iter_listed_samples(directory: str, meta: Dict[str, Any]) -> Iterator[tuple]:
     """``(shard entry, sample, where)`` of every sample of the shards ``reinforce.json`` lists, in order (``sample`` as
-    :func:`iter_shard` yields it, its label checked against ``num_classes``).
+    :func:`iter_shard` yields it, its label checked against ``num_classes``). A remote folder (``s3://``,
+    ``http(s)://``) is read through :mod:`dr.storage`: each shard fetched to a temporary file, one at a time.
 
     Raises:
         FileNotFoundError: a listed shard is missing.
-        ValueError: naming shard and key of an unreadable sample or a label out of range.
+        ValueError: naming shard and key of an unreadable sample or a label out of range (``StorageError`` naming
+            the URL of a remote shard that cannot be read).
     """
     num_classes = int(meta['num_classes'])
+    remote = storage.is_remote(directory)
     for entry in meta['shards']:
-        path = os.path.join(directory, entry['name'])
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f'{directory}: shard {entry["name"]} listed in {META_NAME} is missing')
-        for sample in iter_shard(path, f'shard {entry["name"]}'):
-            where = f'shard {entry["name"]} key {sample["key"]}'
-            if not 0 <= sample['label'] < num_classes:
-                raise ValueError(f'{where}: label {sample["label"]} outside 0..{num_classes - 1} '
-                                 f'(member .{LABEL_EXT})')
-            yield entry, sample, where
+        if remote:
+            shard = storage.fetched(f'{directory.rstrip("/")}/{entry["name"]}')
+        else:
+            path = os.path.join(directory, entry['name'])
+            if not os.path.isfile(path):
+                raise FileNotFoundError(f'{directory}: shard {entry["name"]} listed in {META_NAME} is missing')
+            shard = contextlib.nullcontext(path)
+        with shard as path:
+            for sample in iter_shard(path, f'shard {entry["name"]}'):
+                where = f'shard {entry["name"]} key {sample["key"]}'
+                if not 0 <= sample['label'] < num_classes:
+                    raise ValueError(f'{where}: label {sample["label"]} outside 0..{num_classes - 1} '
+                                     f'(member .{LABEL_EXT})')
+                yield entry, sample, where
 
 
 def listed_shard_bytes(directory: str, meta: Dict[str, Any]) -> int:
-    """Total size of the shards ``reinforce.json`` lists (those present)."""
+    """Total size of the shards ``reinforce.json`` lists (those present; a remote folder: their object sizes)."""
+    if storage.is_remote(directory):
+        return sum(storage.size(f'{directory.rstrip("/")}/{e["name"]}') for e in meta['shards'])
     paths = (os.path.join(directory, e['name']) for e in meta['shards'])
     return sum(os.path.getsize(p) for p in paths if os.path.isfile(p))

@@ -24,6 +24,7 @@ import torchvision.transforms.functional as TF
 from torchvision.ops import roi_align
 from tqdm import tqdm
 
+from .. import storage
 from .augment import create_augment_spec, decode_image
 from .format import (
     AUG_RRC,
@@ -365,7 +366,7 @@ def label_map_stats(directory: str, meta: Dict[str, Any]) -> Dict[str, Any]:
         image_bytes += len(sample['image'])
     total_bytes = listed_shard_bytes(directory, meta)
     stats: Dict[str, Any] = {
-        'directory': os.path.abspath(directory),
+        'directory': directory if storage.is_remote(directory) else os.path.abspath(directory),
         'kind': LABEL_MAP_KIND,
         'num_images': images,
         'label_map': f'{h}x{w}',

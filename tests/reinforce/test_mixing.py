@@ -147,9 +147,9 @@ def test_schema1_dataset_still_loads(tmp_path):
     _check_batches(rd, list(_loader(rd['dir'])), spec)
 
 
-def test_mixing_needs_local_shards_and_valid_partners(tmp_path):
+def test_mixing_needs_random_access_and_valid_partners(tmp_path):
     rd = make_mixing(str(tmp_path / 'rd'))
-    meta = dict(load_meta(rd['dir']), _path='https://host/rd/reinforce.json')
+    meta = dict(load_meta(rd['dir']), _path='pipe:curl -s https://host/rd/reinforce.json')  # no random access
     with pytest.raises(ValueError, match='random access and need the shards on a local filesystem'):
         PartnerImages(meta)
     rec = rd['records'][5]

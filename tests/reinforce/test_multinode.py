@@ -20,7 +20,7 @@ from tests.helpers import REPO, free_port
 from tests.reinforce.common import N_IMAGES, reinforce_args, shard_bytes
 from tests.reinforce.common import subprocess_env as rd_env
 from tests.reinforce.test_remote import ENV, SECRET
-from tests.servers import moto_server
+from tests.servers import moto_s3
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 
@@ -63,19 +63,9 @@ with open(f'{out}.{os.environ.get("RANK", "0")}.json', 'w') as f:
 @pytest.fixture(scope='module')
 def s3():
     """moto's S3 server with an empty bucket; yields the child-process environment that reaches it."""
-    saved = {k: os.environ.get(k) for k in (*ENV, 'AWS_ENDPOINT_URL_S3')}
-    os.environ.update(ENV)
-    try:
-        with moto_server() as endpoint:
-            os.environ['AWS_ENDPOINT_URL_S3'] = endpoint
-            storage.s3_client().create_bucket(Bucket=BUCKET)
-            yield dict(rd_env(), **ENV, AWS_ENDPOINT_URL_S3=endpoint, GLOO_SOCKET_IFNAME='lo')
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+    with moto_s3(ENV) as endpoint:
+        storage.s3_client().create_bucket(Bucket=BUCKET)
+        yield dict(rd_env(), **ENV, AWS_ENDPOINT_URL_S3=endpoint, GLOO_SOCKET_IFNAME='lo')
 
 
 def _launcher(nnodes: int, node_rank: int, nproc: int, port: int) -> List[str]:

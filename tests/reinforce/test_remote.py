@@ -1,5 +1,6 @@
 """Reinforced shards read from real servers on 127.0.0.1 (moto's S3 server, Python's http.server): the same epochs
 as local shards, and bounded, named errors for bad remote input."""
+import json
 import os
 import subprocess
 import sys
@@ -10,8 +11,9 @@ import torch
 
 from dr import storage
 from tests.helpers import free_port, subprocess_env
+from tests.reinforce.test_import_mldr import FIXTURE, needs_fixture
 from tests.reinforce.test_loader import _epoch, _loader, make_reinforced
-from tests.servers import http_server, moto_server
+from tests.servers import http_server, moto_s3
 
 BUCKET = 'rd-bucket'
 PREFIX = 'imagenet-plus/rd'
@@ -30,22 +32,12 @@ def rd(tmp_path_factory):
 @pytest.fixture(scope='module')
 def s3(rd):
     """moto's S3 server with ``rd`` uploaded under s3://BUCKET/PREFIX; yields the endpoint URL."""
-    saved = {k: os.environ.get(k) for k in (*ENV, 'AWS_ENDPOINT_URL_S3')}
-    os.environ.update(ENV)
-    try:
-        with moto_server() as endpoint:
-            os.environ['AWS_ENDPOINT_URL_S3'] = endpoint
-            client = storage.s3_client()
-            client.create_bucket(Bucket=BUCKET)
-            for name in sorted(os.listdir(rd['dir'])):
-                client.upload_file(os.path.join(rd['dir'], name), BUCKET, f'{PREFIX}/{name}')
-            yield endpoint
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+    with moto_s3(ENV) as endpoint:
+        client = storage.s3_client()
+        client.create_bucket(Bucket=BUCKET)
+        for name in sorted(os.listdir(rd['dir'])):
+            client.upload_file(os.path.join(rd['dir'], name), BUCKET, f'{PREFIX}/{name}')
+        yield endpoint
 
 
 @pytest.fixture(scope='module')
@@ -207,3 +199,124 @@ def test_unwritable_remote_outputs_are_refused_before_any_work(tmp_path, capsys,
                              '--no-progress', *argv])
     err = capsys.readouterr().err
     assert status == 2 and message in err and argv[-1] in err
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# random access (+mix partners), --stats, --show and --import-ml-dr on remote folders
+
+
+def _upload(directory: str, prefix: str) -> str:
+    client = storage.s3_client()
+    for name in sorted(os.listdir(directory)):
+        if os.path.isfile(os.path.join(directory, name)):
+            client.upload_file(os.path.join(directory, name), BUCKET, f'{prefix}/{name}')
+    return f's3://{BUCKET}/{prefix}'
+
+
+def test_read_range_equals_the_local_bytes_and_a_server_without_range_is_named(rd, s3, web):
+    name = os.path.basename(rd['dir'])
+    with open(os.path.join(rd['dir'], '000001.tar'), 'rb') as f:
+        local = f.read()
+    for url in (f's3://{BUCKET}/{PREFIX}/000001.tar', f'{web}/{name}/000001.tar'):
+        assert storage.read_range(url, 1234, 777) == local[1234:2011]
+        assert storage.read_range(url, len(local) - 5, 5) == local[-5:]
+        assert storage.read_range(url, 10, 0) == b''
+    with pytest.raises(storage.StorageError, match=r'/norange/.*000001\.tar.*ignores Range requests \(HTTP 200\)'):
+        storage.read_range(f'{web}/norange/{name}/000001.tar', 0, 10)
+
+
+def test_mixing_epochs_from_s3_and_http_equal_local(s3, tmp_path, monkeypatch):
+    from dr.reinforce.format import load_meta
+    from dr.reinforce.partners import PartnerImages
+    from tests.reinforce.test_mixing import _loader as mix_loader
+    from tests.reinforce.test_mixing import make_mixing
+    mixed = make_mixing(str(tmp_path / 'mix'), num_images=30, shard_size=8)
+    urls = [_upload(mixed['dir'], 'mixing/rd')]
+    ranged = []
+    read_range = storage.read_range
+    monkeypatch.setattr(storage, 'read_range', lambda *a: ranged.append(a) or read_range(*a))
+    with http_server(str(tmp_path)) as base:
+        urls.append(f'{base}/mix')
+        for epoch in (0, 1):
+            local = _epoch(mix_loader(mixed['dir']), epoch)
+            for url in urls:
+                _same_epochs(local, _epoch(mix_loader(url), epoch))
+        # the writer's partners sit in the sample's own shard: its indexing read kept their bytes, no ranged read
+        assert ranged == []
+        for url in urls:
+            cached, uncached = PartnerImages(load_meta(url)), PartnerImages(load_meta(url), remote_cache_bytes=0)
+            for p in (0, 7, 8, 29, 3):
+                assert cached.get(p) == uncached.get(p) == (f'img{p:04d}', 'png', mixed['images'][p])
+        assert len(ranged) == 10  # without the cache: one ranged read per partner
+
+
+def _strip(stats: dict) -> dict:
+    return {k: v for k, v in stats.items() if k != 'directory'}
+
+
+def test_stats_of_s3_and_http_folders_equal_local_stats(rd, s3, web, tmp_path, caplog):
+    import reinforce
+    assert reinforce.main(['--stats', rd['dir']]) == 0
+    with open(os.path.join(rd['dir'], 'stats.json')) as f:
+        local = json.load(f)
+    os.unlink(os.path.join(rd['dir'], 'stats.json'))  # the folder the servers serve stays as it was
+    url = f's3://{BUCKET}/{PREFIX}'
+    assert reinforce.main(['--stats', url]) == 0  # written next to the shards, in the bucket
+    remote = json.loads(storage.read_bytes(f'{url}/stats.json'))
+    assert remote['directory'] == url and _strip(remote) == _strip(local)
+    http_url = f'{web}/{os.path.basename(rd["dir"])}'
+    assert reinforce.main(['--stats', http_url]) == 0  # read-only: printed, not written, and said so
+    assert any('stats.json not written' in r.getMessage() for r in caplog.records)
+    assert reinforce.main(['--stats', http_url, '--output', str(tmp_path / 'st')]) == 0
+    with open(tmp_path / 'st' / 'stats.json') as f:
+        assert _strip(json.load(f)) == _strip(local)
+
+
+def _show_npz(path: str, out) -> dict:
+    import numpy as np
+
+    import reinforce
+    assert reinforce.main(['--show', path, '--images', *map(str, range(30)), '--samples', '0', '3', '5',
+                           '--save-npz', str(out)]) == 0
+    with np.load(out) as z:
+        return {k: z[k] for k in z.files}
+
+
+@needs_fixture
+def test_import_from_http_then_show_and_train_from_s3_and_http_equal_local(s3, tmp_path):
+    """The authors' mixing reinforcement (partners anywhere in the dataset): imported from an HTTP URL it gives the
+    local import's shards; served from S3 and HTTP, --show and the training loader read partners by Range."""
+    import numpy as np
+
+    from tests.reinforce.test_import_mldr import _import
+    variant = 'rrc_ra_re_mix'
+    assert _import(os.path.join(FIXTURE, variant, 'reinforced_data.tar.gz'), tmp_path / 'local') == 0
+    with http_server(FIXTURE) as fixture_base:
+        archive = f'{fixture_base}/{variant}/reinforced_data.tar.gz'
+        assert _import(archive, tmp_path / 'web' / 'rd') == 0
+    shards = sorted(p.name for p in (tmp_path / 'local').glob('*.tar'))
+    assert len(shards) == 4
+    for name in shards:
+        assert (tmp_path / 'local' / name).read_bytes() == (tmp_path / 'web' / 'rd' / name).read_bytes()
+    with open(tmp_path / 'web' / 'rd' / 'reinforce.json') as f:
+        assert json.load(f)['imported_from']['rdata'] == archive  # the URL, not a temporary download
+    local = _show_npz(str(tmp_path / 'local'), tmp_path / 'local.npz')
+    s3_url = _upload(str(tmp_path / 'local'), 'imported/rd')
+    with http_server(str(tmp_path / 'web')) as base:
+        for url in (s3_url, f'{base}/rd'):
+            remote = _show_npz(url, tmp_path / 'remote.npz')
+            assert remote.keys() == local.keys() and all(np.array_equal(remote[k], local[k]) for k in local)
+            kw = dict(input_size=(3, 32, 32), mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225),
+                      shuffle_buffer=0)
+            _same_epochs(_epoch(_loader(str(tmp_path / 'local'), **kw), 1), _epoch(_loader(url, **kw), 1))
+
+
+@needs_fixture
+def test_import_of_a_missing_remote_archive_names_the_url(tmp_path, capsys):
+    import reinforce
+    with http_server(FIXTURE) as base:
+        url = f'{base}/no_such/reinforced_data.tar.gz'
+        status = reinforce.main(['--import-ml-dr', url, '--data-dir', os.path.join(FIXTURE, 'images'),
+                                 '--output', str(tmp_path / 'rd'), '-j', '0', '--no-progress'])
+    err = capsys.readouterr().err
+    assert status == 2 and url in err and '404' in err
