@@ -43,6 +43,16 @@ def is_remote(url: str) -> bool:
     return str(url).split('://', 1)[0].lower() in REMOTE_SCHEMES and '://' in str(url)
 
 
+def join(folder: str, name: str) -> str:
+    """``name`` inside a folder URL (``s3://b/prefix/`` + ``x.tar`` -> ``s3://b/prefix/x.tar``)."""
+    return f'{folder.rstrip("/")}/{name}'
+
+
+def absolute(path: str) -> str:
+    """How outputs name a folder or file: a URL as given, a local path made absolute."""
+    return path if is_remote(path) else os.path.abspath(path)
+
+
 def split_s3(url: str) -> Tuple[str, str]:
     """``s3://bucket/key`` -> (bucket, key)."""
     rest = url[len('s3://'):]
@@ -127,19 +137,23 @@ def with_retries(what: str, url: str, call: Callable[[], Any]) -> Any:
     raise AssertionError('unreachable')
 
 
-def _open_raw(url: str, start: int) -> Tuple[Any, Optional[int]]:
-    """(binary stream from byte ``start``, total size or None)."""
+def _open_raw(url: str, start: int, end: Optional[int] = None) -> Tuple[Any, Optional[int]]:
+    """(binary stream of bytes ``start``..``end`` (inclusive; None: to the end of the object), the offset where the
+    stream ends or None). A server that ignores the ``Range`` request raises :class:`StorageError`."""
+    ranged = f'bytes={start}-{"" if end is None else end}' if start or end is not None else None
     if url.startswith('s3://'):
         bucket, key = split_s3(url)
-        kwargs = {'Range': f'bytes={start}-'} if start else {}
-        response = s3_client().get_object(Bucket=bucket, Key=key, **kwargs)
+        response = s3_client().get_object(Bucket=bucket, Key=key, **({'Range': ranged} if ranged else {}))
         return response['Body'], start + int(response['ContentLength'])
-    request = urllib.request.Request(url, headers={'Range': f'bytes={start}-'} if start else {})
+    request = urllib.request.Request(url, headers={'Range': ranged} if ranged else {})
     response = urllib.request.urlopen(request, timeout=timeout())
-    if start and response.status != 206:
+    if ranged and response.status != 206:
         response.close()
-        raise StorageError(f'{url}: transfer cut short at byte {start} and the server ignores Range requests (cannot '
-                           f'resume)')
+        if end is None:
+            raise StorageError(f'{url}: transfer cut short at byte {start} and the server ignores Range requests '
+                               f'(cannot resume)')
+        raise StorageError(f'{url}: the server ignores Range requests (HTTP {response.status}): random access '
+                           f'(+mix partners) needs a server that answers Range with 206')
     length = response.headers.get('Content-Length')
     return response, (start + int(length)) if length is not None else None
 
@@ -224,18 +238,9 @@ def read_range(url: str, offset: int, length: int) -> bytes:
     and retried like every call here; a server that ignores ``Range`` (answers 200) raises :class:`StorageError`."""
     if length <= 0:
         return b''
-    ranged = f'bytes={offset}-{offset + length - 1}'
 
     def get() -> bytes:
-        if url.startswith('s3://'):
-            bucket, key = split_s3(url)
-            body = s3_client().get_object(Bucket=bucket, Key=key, Range=ranged)['Body']
-        else:
-            body = urllib.request.urlopen(urllib.request.Request(url, headers={'Range': ranged}), timeout=timeout())
-            if body.status != 206:
-                body.close()
-                raise StorageError(f'{url}: the server ignores Range requests (HTTP {body.status}): random access '
-                                   f'(+mix partners) needs a server that answers Range with 206')
+        body, _ = _open_raw(url, offset, offset + length - 1)
         try:
             data = body.read()
         except Exception as e:  # a reset connection or a read timeout mid-body: retried

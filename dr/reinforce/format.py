@@ -513,7 +513,7 @@ def iter_listed_samples(directory: str, meta: Dict[str, Any]) -> Iterator[tuple]
     remote = storage.is_remote(directory)
     for entry in meta['shards']:
         if remote:
-            shard = storage.fetched(f'{directory.rstrip("/")}/{entry["name"]}')
+            shard = storage.fetched(storage.join(directory, entry['name']))
         else:
             path = os.path.join(directory, entry['name'])
             if not os.path.isfile(path):
@@ -531,6 +531,6 @@ def iter_listed_samples(directory: str, meta: Dict[str, Any]) -> Iterator[tuple]
 def listed_shard_bytes(directory: str, meta: Dict[str, Any]) -> int:
     """Total size of the shards ``reinforce.json`` lists (those present; a remote folder: their object sizes)."""
     if storage.is_remote(directory):
-        return sum(storage.size(f'{directory.rstrip("/")}/{e["name"]}') for e in meta['shards'])
+        return sum(storage.size(storage.join(directory, e['name'])) for e in meta['shards'])
     paths = (os.path.join(directory, e['name']) for e in meta['shards'])
     return sum(os.path.getsize(p) for p in paths if os.path.isfile(p))

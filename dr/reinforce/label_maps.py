@@ -366,7 +366,7 @@ def label_map_stats(directory: str, meta: Dict[str, Any]) -> Dict[str, Any]:
         image_bytes += len(sample['image'])
     total_bytes = listed_shard_bytes(directory, meta)
     stats: Dict[str, Any] = {
-        'directory': directory if storage.is_remote(directory) else os.path.abspath(directory),
+        'directory': storage.absolute(directory),
         'kind': LABEL_MAP_KIND,
         'num_images': images,
         'label_map': f'{h}x{w}',

@@ -157,7 +157,7 @@ def resolve_reinforced(urls: Urls, where_flag: str = '--reinforced') -> Tuple[Li
             shard_urls.extend(f'{base}/{s["name"]}' for s in meta['shards'])
         elif storage.is_remote(part) and not part.endswith('.tar') and '{' not in part:  # a remote output folder
             meta = _load_meta(part.rstrip('/') + '/' + META_NAME, where_flag)
-            shard_urls.extend(f'{part.rstrip("/")}/{s["name"]}' for s in meta['shards'])
+            shard_urls.extend(storage.join(part, s['name']) for s in meta['shards'])
         elif _local_path(part) is not None and os.path.isdir(_local_path(part)):
             directory = _local_path(part)
             tars = sorted(n for n in os.listdir(directory) if n.endswith('.tar') and not n.startswith('.'))
@@ -820,8 +820,9 @@ class ReinforcedShards(torch.utils.data.IterableDataset):
         self._mean_np = np.asarray(self.mean, dtype=np.float32).reshape(-1, 1, 1)
         self._std_np = np.asarray(self.std, dtype=np.float32).reshape(-1, 1, 1)
         self._fill = erase_fill(self.spec, self.mean, self.std).numpy()
-        # +mix: partners are read by dataset position from the local shard files (``dr.reinforce.partners``); the
-        # images decoded for the stream and for partners are kept by position (``dr.reinforce.image_cache``)
+        # +mix: partners are read by dataset position from the shard files, local or remote
+        # (``dr.reinforce.partners``); the images decoded for the stream and for partners are kept by position
+        # (``dr.reinforce.image_cache``)
         self._partners = PartnerImages(meta, where_flag) if self.spec.has_mix else None
         self._decoded = DecodedImages(decoded_cache_bytes) if self.spec.has_mix else None
         self._shard_starts = dict(zip(self._partners.names, self._partners.starts)) if self._partners else {}

@@ -22,7 +22,7 @@ import contextlib
 import os
 import tarfile
 from bisect import bisect_right
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 from .. import storage
 from .format import IMAGE_EXTS, META_NAME, split_member_name
@@ -37,12 +37,6 @@ def shard_dir(meta: Dict[str, Any]) -> Optional[str]:
     path = str(meta.get('_path', ''))
     if storage.is_remote(path):
         return path.rsplit('/', 1)[0]
-    return local_dir(meta)
-
-
-def local_dir(meta: Dict[str, Any]) -> Optional[str]:
-    """The local directory of a reinforced dataset (``reinforce.json``'s), or None when it is remote."""
-    path = str(meta.get('_path', ''))
     if path.startswith('file://'):
         path = path[len('file://'):]
     if not path or ('://' in path) or path.startswith('pipe:'):
@@ -86,8 +80,8 @@ class PartnerImages:
         self._index: collections.OrderedDict[int, List[Entry]] = collections.OrderedDict()
         self._files: collections.OrderedDict[int, int] = collections.OrderedDict()
         self.remote_cache_bytes = int(remote_cache_bytes)
-        self._images: collections.OrderedDict[int, Dict[str, bytes]] = collections.OrderedDict()  # remote shards
-        self._held: Dict[int, int] = {}  # their bytes
+        # remote shards: (image bytes by key, their total), least recently used first
+        self._images: collections.OrderedDict[int, Tuple[Dict[str, bytes], int]] = collections.OrderedDict()
         self._pid = os.getpid()
 
     @property
@@ -103,9 +97,7 @@ class PartnerImages:
         return s, position - self.starts[s]
 
     def path(self, shard: int) -> str:
-        if self.remote:
-            return f'{self.directory}/{self.names[shard]}'
-        return os.path.join(self.directory, self.names[shard])
+        return (storage.join if self.remote else os.path.join)(self.directory, self.names[shard])
 
     def _entries(self, shard: int) -> List[Entry]:
         if shard in self._index:
@@ -116,10 +108,7 @@ class PartnerImages:
         keys: Dict[str, int] = {}
         images: Dict[str, bytes] = {}
         try:
-            stream = storage.open_read(path) if self.remote else None  # streamed once: headers and data
-            with stream if stream is not None else contextlib.nullcontext(), \
-                    tarfile.open(path if stream is None else None, fileobj=stream, mode='r|' if stream else 'r:') \
-                    as tar:
+            with self._open_tar(path) as tar:
                 for info in tar:  # local: headers only, tarfile seeks over the data of a seekable file
                     if not info.isfile() or info.name.startswith('__'):
                         continue
@@ -128,7 +117,7 @@ class PartnerImages:
                         keys[key] = len(samples)
                         samples.append((key, {}))
                     samples[keys[key]][1][ext] = (info.offset_data, info.size)
-                    if stream is not None and self.remote_cache_bytes > 0 and ext.lower() in IMAGE_EXTS:
+                    if self.remote and self.remote_cache_bytes > 0 and ext.lower() in IMAGE_EXTS:
                         member = tar.extractfile(info)  # the stream passes over these bytes anyway
                         images[key] = member.read() if member is not None else b''
         except (tarfile.TarError, OSError, storage.StorageError) as e:
@@ -141,11 +130,20 @@ class PartnerImages:
             self._index.popitem(last=False)
         held = sum(len(b) for b in images.values())
         if images and held <= self.remote_cache_bytes:
-            self._images[shard] = images
-            self._held[shard] = held
-            while sum(self._held.values()) > self.remote_cache_bytes:
-                del self._held[self._images.popitem(last=False)[0]]
+            self._images[shard] = images, held
+            while sum(n for _, n in self._images.values()) > self.remote_cache_bytes:
+                self._images.popitem(last=False)
         return samples
+
+    @contextlib.contextmanager
+    def _open_tar(self, path: str) -> Iterator[tarfile.TarFile]:
+        """A local shard opened for seeking over member data; a remote one streamed once (headers and data)."""
+        if not self.remote:
+            with tarfile.open(path, mode='r:') as tar:
+                yield tar
+            return
+        with storage.open_read(path) as stream, tarfile.open(fileobj=stream, mode='r|') as tar:
+            yield tar
 
     def _fd(self, shard: int) -> int:
         if os.getpid() != self._pid:  # a forked worker: the parent's descriptors are not ours to share
@@ -162,7 +160,7 @@ class PartnerImages:
 
     def _read(self, shard: int, key: str, ext: str, offset: int, size: int) -> bytes:
         if self.remote:
-            cached = self._images.get(shard, {}).get(key) if ext.lower() in IMAGE_EXTS else None
+            cached = self._images.get(shard, ({}, 0))[0].get(key) if ext.lower() in IMAGE_EXTS else None
             if cached is not None and len(cached) == size:
                 self._images.move_to_end(shard)
                 return cached
@@ -200,5 +198,5 @@ class PartnerImages:
     def __getstate__(self) -> Dict[str, Any]:  # sent to DataLoader workers without open files
         state = dict(self.__dict__)
         state['_files'] = collections.OrderedDict()
-        state['_images'], state['_held'] = collections.OrderedDict(), {}
+        state['_images'] = collections.OrderedDict()
         return state

@@ -449,7 +449,7 @@ def compute_stats(directory: str) -> Dict[str, Any]:
     total_bytes = listed_shard_bytes(directory, meta)
     images, n_aug = acc.images, acc.n_aug
     stats = {
-        'directory': directory if storage.is_remote(directory) else os.path.abspath(directory),
+        'directory': storage.absolute(directory),
         'num_images': images,
         'num_samples': num_samples,
         'topk': topk,

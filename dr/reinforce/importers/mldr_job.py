@@ -377,8 +377,8 @@ def import_mldr(
     else:
         stat = os.stat(rdata)
         info = {'rdata': os.path.abspath(rdata), 'rdata_bytes': stat.st_size, 'rdata_mtime': stat.st_mtime}
-    info.update({'data_dir': os.path.abspath(data_dir), 'num_images': len(paths), 'num_classes': num_classes,
-            'shard_size': plan.shard_size, 'seed': seed})
+    info.update(data_dir=os.path.abspath(data_dir), num_images=len(paths), num_classes=num_classes,
+                shard_size=plan.shard_size, seed=seed)
 
     def parse(where: str, data: bytes) -> Tuple[MldrConfig, np.dtype]:
         cfg = parse_config(load_torch_save(data, where), where)
@@ -395,8 +395,8 @@ def import_mldr(
     os.makedirs(output, exist_ok=True)
     sizes = read_done(spool_dir, info)
     if sizes is None:
-        cfg, sizes = _spool_from(rdata, paths, parse, num_classes, positions, plan.shard_size, spool_dir, workers,
-                                 progress)
+        cfg, sizes = _spool_from(rdata, info['rdata_bytes'], paths, parse, num_classes, positions, plan.shard_size,
+                                 spool_dir, workers, progress)
         write_done(spool_dir, info, sizes)
     else:
         with open(os.path.join(spool_dir, CONFIG_NAME), 'rb') as f:
@@ -414,32 +414,17 @@ def import_mldr(
     return meta
 
 
-def _spool_from(rdata: str, *args: Any) -> Tuple[MldrConfig, np.ndarray]:
+def _spool_from(rdata: str, rdata_bytes: int, *args: Any) -> Tuple[MldrConfig, np.ndarray]:
     """Pass 1 over a local archive or directory, or over a remote archive downloaded first (bounded, retried, by
     :func:`dr.storage.fetched`); errors name the URL, not the temporary file."""
     if not storage.is_remote(rdata):
         return spool_rdata(rdata, *args)
-    _logger.info(f'--import-ml-dr: downloading {rdata} ({_readable_size(rdata)})')
+    _logger.info(f'--import-ml-dr: downloading {rdata} ({rdata_bytes / 2 ** 20:.1f} MiB)')
     with storage.fetched(rdata) as local:
         try:
             return spool_rdata(local, *args)
         except ValueError as e:  # MldrFormatError too
             raise type(e)(str(e).replace(local, rdata)) from e
-
-
-def _readable_size(url: str) -> str:
-    """The size of a remote object, readable (``1.2 GiB``)."""
-    n = float(storage.size(url))
-    for unit in ('B', 'KiB', 'MiB', 'GiB'):
-        if n < 1024 or unit == 'GiB':
-            return f'{n:.1f} {unit}' if unit != 'B' else f'{int(n)} B'
-        n /= 1024
-    return f'{n:.1f} TiB'
-
-
-def _source(rdata: str) -> str:
-    """How ``reinforce.json`` names the archive: its URL, or its absolute local path."""
-    return rdata if storage.is_remote(rdata) else os.path.abspath(rdata)
 
 
 def _write_shards(store: ShardStore, builder: _ShardBuilder, plan: ShardPlan, num_samples: int, workers: int,
@@ -466,7 +451,7 @@ def _write_shards(store: ShardStore, builder: _ShardBuilder, plan: ShardPlan, nu
 
 def _meta_fields(cfg: MldrConfig, rdata: str, data_dir: str, classes: Sequence[str], num_classes: int,
                  plan: ShardPlan, seed: int, dtype: np.dtype) -> Dict[str, Any]:
-    teacher = dict(_teacher(cfg), weights=f'imported: {_source(rdata)}')
+    teacher = dict(_teacher(cfg), weights=f'imported: {storage.absolute(rdata)}')
     return {
         'teachers': [teacher],
         'augmentation': cfg.spec.to_dict(),
@@ -481,6 +466,6 @@ def _meta_fields(cfg: MldrConfig, rdata: str, data_dir: str, classes: Sequence[s
         'record_dtype': dtype.descr,
         'images_stored_as_png': False,
         'image_order': {'kind': 'permutation', 'seed': seed},  # dataset index = ml-dr's (ImageFolder order)
-        'imported_from': {'format': 'ml-dr', 'rdata': _source(rdata), 'reinforce': cfg.raw,
+        'imported_from': {'format': 'ml-dr', 'rdata': storage.absolute(rdata), 'reinforce': cfg.raw,
                           'teacher': cfg.teacher},
     }
