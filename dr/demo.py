@@ -36,6 +36,7 @@ from matplotlib.patches import Patch
 
 from dr.data import DigitsDataset
 from dr.evaluate.calibration import expected_calibration_error
+from dr.evaluate.corruptions import DIGITS_C_CORRUPTIONS
 from dr.evaluate.report import draw_reliability
 from dr.io import atomic_write, software_versions
 from dr.reinforce.augment import normalize_uint8
@@ -80,6 +81,7 @@ class DemoConfig:
     topk: int = 5
     bake_intra: int = 1
     validate: bool = True
+    corruptions: Tuple[str, ...] = ()  # digits-C corruptions; empty: validate.py's default set
 
     def to_dict(self) -> Dict[str, Any]:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
@@ -219,14 +221,15 @@ def demo_row(sets: Dict[str, Dict[str, Any]]) -> Dict[str, Any]:
     return row
 
 
-def validate_students(runs: List[Dict[str, Any]], out_dir: str) -> str:
+def validate_students(runs: List[Dict[str, Any]], out_dir: str, corruptions: Sequence[str] = ()) -> str:
     """validate.py on every student's last checkpoint in one call; adds its numbers to each run in place."""
     _, _, validate = _scripts()
     tags = [f'{r["method"]}-s{r["seed"]}' for r in runs]
     res_file = os.path.join(out_dir, 'digits.json')
     ev = validate.main(['--dataset', 'digits', '--checkpoint',
                         *[os.path.join(r['output_dir'], 'last.pth.tar') for r in runs], '--tags', *tags,
-                        '--sets', 'digits', 'digits-c', '--fgsm-eps', *map(str, FGSM_EPS), '--workers', '0',
+                        '--sets', 'digits', 'digits-c', *(['--corruptions', *corruptions] if corruptions else []),
+                        '--fgsm-eps', *map(str, FGSM_EPS), '--workers', '0',
                         '--no-progress', '--no-resume', '--results-file', res_file])
     if not isinstance(ev, dict):
         raise RuntimeError(f'validate.py failed (exit status {ev})')
@@ -623,7 +626,7 @@ def run_demo(output: str, cfg: DemoConfig) -> Dict[str, Any]:
     runs = train_students(cfg, runs_dir, student_plan(cfg, shards, specs))
     timer.lap('students')
     if cfg.validate:
-        results['validate_file'] = validate_students(runs, os.path.join(output, 'validate'))
+        results['validate_file'] = validate_students(runs, os.path.join(output, 'validate'), cfg.corruptions)
     else:  # the training runs' own last-epoch validation top-1 only
         for r in runs:
             r['top1'] = r['train_top1']
@@ -671,6 +674,8 @@ def create_parser() -> argparse.ArgumentParser:
     parser.add_argument('--num-samples', type=int, default=d.num_samples, help='stored augmentations per image')
     parser.add_argument('--aug', default=d.aug, help='stored augmentation family (reinforce.py --aug)')
     parser.add_argument('--skip-validate', action='store_true', help='no validate.py (top-1 from training only)')
+    parser.add_argument('--corruptions', nargs='+', default=list(d.corruptions), metavar='NAME',
+                        help="digits-C corruptions validate.py applies (default: validate.py's five)")
     parser.add_argument('--readme', default=None, metavar='FILE',
                         help='rewrite the generated block of this README (make demo: README.md)')
     parser.add_argument('--docs-dir', default=None, metavar='DIR',
@@ -695,7 +700,11 @@ def publish(results: Dict[str, Any], output: str, readme: Optional[str], docs_di
 
 
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
-    args = create_parser().parse_args(argv)
+    parser = create_parser()
+    args = parser.parse_args(argv)
+    unknown = [c for c in args.corruptions if c not in DIGITS_C_CORRUPTIONS]
+    if unknown:  # before hours of training, not at validate.py's turn
+        parser.error(f'--corruptions: unknown {", ".join(unknown)}; known: {", ".join(DIGITS_C_CORRUPTIONS)}')
     logging.basicConfig(level=logging.WARNING)
     if args.from_results:
         with open(args.from_results) as f:
@@ -704,7 +713,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     else:
         cfg = DemoConfig(model=args.model, epochs=args.epochs, seeds=tuple(args.seeds), teachers=tuple(args.teacher),
                          teacher_epochs=args.teacher_epochs, num_samples=args.num_samples, aug=args.aug,
-                         validate=not args.skip_validate)
+                         validate=not args.skip_validate, corruptions=tuple(args.corruptions))
         results = run_demo(args.output, cfg)
     publish(results, args.output, args.readme, args.docs_dir)
     print_summary(results, args.output)

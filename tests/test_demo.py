@@ -167,10 +167,13 @@ def test_demo_end_to_end_reduced(tmp_path):
     readme.write_text(f'top\n{demo.README_BEGIN}\n{demo.README_END}\nbottom\n')
     (out / 'runs' / 'stale').mkdir(parents=True)
     res = demo.main(['--output', str(out), '--epochs', '1', '--seeds', '3', '--teacher', 'test_resnet',
-                     '--teacher-epochs', '1', '--num-samples', '2', '--readme', str(readme),
-                     '--docs-dir', str(tmp_path / 'docs')])
+                     '--teacher-epochs', '1', '--num-samples', '2', '--corruptions', 'contrast',
+                     '--readme', str(readme), '--docs-dir', str(tmp_path / 'docs')])
     assert not (out / 'runs' / 'stale').exists()  # previous run folders are removed first
     assert [(r['method'], r['seed']) for r in res['runs']] == [(m, 3) for m in demo.METHODS]
+    val = json.loads((out / 'validate' / 'digits.json').read_text())
+    assert {r['corruption'] for r in val['results'] if r['tag'] == 'plain-s3' and r['set'].startswith('digits-c/')} \
+        == {'contrast', ''}  # '': digits-c/clean
     for r in res['runs']:
         assert 0 <= r['top1'] <= 100 and r['ece'] is not None and r['digits_c_top1'] is not None
         assert r['fgsm_2'] is not None and r['seconds_per_epoch'] > 0 and r['calibration_bins']
@@ -189,3 +192,9 @@ def test_demo_end_to_end_reduced(tmp_path):
     again = demo.main(['--from-results', str(out / 'demo_results.json'), '--output', str(tmp_path / 'again'),
                        '--readme', str(readme), '--docs-dir', str(tmp_path / 'docs')])
     assert again['summary'] == saved['summary'] and readme.read_text() == text
+
+
+def test_unknown_corruption_is_refused_before_any_training(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        demo.main(['--output', str(tmp_path / 'demo'), '--corruptions', 'contrast', 'fog_of_war'])
+    assert 'fog_of_war' in capsys.readouterr().err and not (tmp_path / 'demo').exists()

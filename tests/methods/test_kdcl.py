@@ -62,8 +62,9 @@ def test_both_students_get_gradients_and_checkpoint_is_the_main_student():
 
 @pytest.mark.slow
 def test_train_kdcl_saves_both_students(tmp_path):
+    # 3 epochs: after 2 (lr 0.2 then 0.1) the second student's top-1 ranged 16-65% over seeds 1-3 and 42
     result = train.main(BASE + ['--output', str(tmp_path), '--experiment', 'kdcl', '--method', 'kdcl',
-                                '--kdcl-model', 'test_resnet', '--epochs', '2'])
+                                '--kdcl-model', 'test_resnet', '--epochs', '3'])
     assert result['last_eval']['top1'] > 30.0, result  # chance is 10%
     out = result['output_dir']
     ckpt = load_checkpoint_file(os.path.join(out, 'last.pth.tar'))

@@ -63,13 +63,14 @@ def test_task_rejects_soft_targets():
 @pytest.mark.slow
 def test_train_tfkd_reg_and_tf_kd_self_with_a_checkpoint_of_the_same_architecture(tmp_path):
     out = str(tmp_path)
-    proc = run_train(out, 'reg', '--method', 'tfkd')
+    small = ('--digits-size', '16')  # wiring, not accuracy: a quarter of the pixels
+    proc = run_train(out, 'reg', '--method', 'tfkd', *small)
     assert 'TfKdRegTask: alpha=0.1 temperature=20.0 correct_prob=0.9' in proc.stdout + proc.stderr
     # Tf-KD_self: the trained plain student (same architecture) is the teacher of a fresh student
-    run_train(out, 'plain')
+    run_train(out, 'plain', *small)
     ckpt = os.path.join(out, 'plain', 'last.pth.tar')
     proc = run_train(out, 'self', '--kd-teacher', f'test_resnet={ckpt}', '--kd-temp', '20', '--task-loss-weight',
-                     '0.9', '--kd-weight', '0.1')
+                     '0.9', '--kd-weight', '0.1', *small)
     log = proc.stdout + proc.stderr
     assert 'task_weight=0.9, distill_weight=0.1' in log and 'temperature=20.0' in log, log[-2000:]
     with open(os.path.join(out, 'self', 'summary.csv')) as f:
