@@ -73,8 +73,9 @@ def test_optimizer_module_holds_heads_and_checkpoint_state_is_plain():
 
 @pytest.mark.slow
 def test_train_byot_checkpoint_loads_into_plain_timm_and_validates(tmp_path):
+    # 3 epochs: after 2 (lr 0.2 then 0.1) top-1 ranged 15-55% over seeds 1-4; after 3, 58-80% over seeds 1-4 and 42
     result = train.main(BASE + ['--output', str(tmp_path), '--experiment', 'byot', '--method', 'byot',
-                                '--epochs', '2'])
+                                '--epochs', '3'])
     assert result['last_eval']['top1'] > 30.0, result  # chance is 10%
     out = result['output_dir']
     with open(os.path.join(out, 'summary.csv')) as f:
@@ -90,5 +91,5 @@ def test_train_byot_checkpoint_loads_into_plain_timm_and_validates(tmp_path):
     assert metrics['sets']['digits']['top1'] == pytest.approx(result['last_eval']['top1'], abs=0.01)
     # resume restores the shallow classifiers too
     again = train.main(BASE + ['--output', str(tmp_path), '--experiment', 'byot', '--method', 'byot',
-                               '--epochs', '3', '--resume', path])
+                               '--epochs', '4', '--resume', path])
     assert again['last_eval']['top1'] > 30.0
