@@ -35,31 +35,21 @@ from dr.io import atomic_write, software_versions  # noqa: E402
 from dr.reinforce.loader import check_reinforced  # noqa: E402
 
 BUCKET = 'bench'
-# dummy credentials for the local emulator only; never a real account
-S3_ENV = {'AWS_ACCESS_KEY_ID': 'bench', 'AWS_SECRET_ACCESS_KEY': 'bench', 'AWS_DEFAULT_REGION': 'us-east-1',
-          'AWS_EC2_METADATA_DISABLED': 'true', 'NO_PROXY': '127.0.0.1,localhost', 'no_proxy': '127.0.0.1,localhost'}
+DUMMY_CREDENTIALS = {'AWS_ACCESS_KEY_ID': 'bench', 'AWS_SECRET_ACCESS_KEY': 'bench'}  # the local emulator's only
 STORES = ('local', 's3', 'http')
-
-
-def upload(directory: str, prefix: str) -> str:
-    """Every file of ``directory`` to ``s3://BUCKET/prefix``; returns the prefix URL."""
-    client = storage.s3_client()
-    client.create_bucket(Bucket=BUCKET)
-    for name in sorted(os.listdir(directory)):
-        client.upload_file(os.path.join(directory, name), BUCKET, f'{prefix}/{name}')
-    return f's3://{BUCKET}/{prefix}'
 
 
 def run_remote(args) -> Dict[str, Any]:
     """The ``--remote`` run of ``loader_throughput.py`` (its parsed ``args``); returns the result dict."""
-    from tests.servers import http_server, moto_s3  # the test servers (dev extra)
+    from tests.servers import LOOPBACK_S3_ENV, http_server, moto_s3, upload_folder  # the test servers (dev extra)
     images = BenchImages(args.digits_size, args.image_format, args.max_images)
     num_classes = len(images.classes)
     work = args.work_dir or tempfile.mkdtemp(prefix='remote_throughput_')
     rd_dir = write_fake_shards(images, os.path.join(work, 'shards'), args.num_samples, args.topk, args.shard_size,
                                args.seed, aug=args.aug)
-    with moto_s3(S3_ENV), http_server(work) as web:  # loader workers inherit the endpoint
-        urls = {'local': rd_dir, 's3': upload(rd_dir, 'rd'), 'http': f'{web}/shards'}
+    with moto_s3({**LOOPBACK_S3_ENV, **DUMMY_CREDENTIALS}), http_server(work) as web:  # workers inherit the endpoint
+        storage.s3_client().create_bucket(Bucket=BUCKET)
+        urls = {'local': rd_dir, 's3': upload_folder(rd_dir, f's3://{BUCKET}/rd'), 'http': f'{web}/shards'}
         metas = {k: check_reinforced(u, num_classes) for k, u in urls.items()}
         loaders = {k: build_rd_loader(urls[k], metas[k], num_classes, args) for k in STORES}
         runs = run_rounds({k: (v, v.set_epoch) for k, v in loaders.items()}, args.epochs)

@@ -19,7 +19,12 @@ import time
 import urllib.request
 from typing import Dict, Iterator
 
+from dr import storage
 from tests.helpers import free_port
+
+# what every client of the local S3 emulator needs: no EC2 metadata lookups, no proxy for loopback
+LOOPBACK_S3_ENV = {'AWS_DEFAULT_REGION': 'us-east-1', 'AWS_EC2_METADATA_DISABLED': 'true',
+                   'NO_PROXY': '127.0.0.1,localhost', 'no_proxy': '127.0.0.1,localhost'}
 
 READY_SECONDS = 30
 
@@ -74,6 +79,15 @@ def moto_s3(env: Dict[str, str]) -> Iterator[str]:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+def upload_folder(directory: str, url: str) -> str:
+    """Every file of ``directory`` to the ``s3://bucket/prefix`` folder ``url`` (through ``dr.storage.upload_file``,
+    the bucket must exist); returns ``url``."""
+    for name in sorted(os.listdir(directory)):
+        if os.path.isfile(os.path.join(directory, name)):
+            storage.upload_file(os.path.join(directory, name), storage.join(url, name))
+    return url
 
 
 class _Handler(http.server.SimpleHTTPRequestHandler):

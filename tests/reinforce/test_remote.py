@@ -13,13 +13,12 @@ from dr import storage
 from tests.helpers import free_port, subprocess_env
 from tests.reinforce.test_import_mldr import FIXTURE, needs_fixture
 from tests.reinforce.test_loader import _epoch, _loader, make_reinforced
-from tests.servers import http_server, moto_s3
+from tests.servers import LOOPBACK_S3_ENV, http_server, moto_s3, upload_folder
 
 BUCKET = 'rd-bucket'
 PREFIX = 'imagenet-plus/rd'
 SECRET = 'dummy-secret-DR-7f3a9c'  # recognisable: must never be written anywhere
-ENV = {'AWS_ACCESS_KEY_ID': 'dummykey', 'AWS_SECRET_ACCESS_KEY': SECRET, 'AWS_DEFAULT_REGION': 'us-east-1',
-       'AWS_EC2_METADATA_DISABLED': 'true', 'NO_PROXY': '127.0.0.1,localhost', 'no_proxy': '127.0.0.1,localhost',
+ENV = {**LOOPBACK_S3_ENV, 'AWS_ACCESS_KEY_ID': 'dummykey', 'AWS_SECRET_ACCESS_KEY': SECRET,
        'DR_STORAGE_TIMEOUT': '3', 'DR_STORAGE_RETRIES': '3'}
 
 
@@ -33,10 +32,8 @@ def rd(tmp_path_factory):
 def s3(rd):
     """moto's S3 server with ``rd`` uploaded under s3://BUCKET/PREFIX; yields the endpoint URL."""
     with moto_s3(ENV) as endpoint:
-        client = storage.s3_client()
-        client.create_bucket(Bucket=BUCKET)
-        for name in sorted(os.listdir(rd['dir'])):
-            client.upload_file(os.path.join(rd['dir'], name), BUCKET, f'{PREFIX}/{name}')
+        storage.s3_client().create_bucket(Bucket=BUCKET)
+        upload_folder(rd['dir'], f's3://{BUCKET}/{PREFIX}')
         yield endpoint
 
 
@@ -205,14 +202,6 @@ def test_unwritable_remote_outputs_are_refused_before_any_work(tmp_path, capsys,
 # random access (+mix partners), --stats, --show and --import-ml-dr on remote folders
 
 
-def _upload(directory: str, prefix: str) -> str:
-    client = storage.s3_client()
-    for name in sorted(os.listdir(directory)):
-        if os.path.isfile(os.path.join(directory, name)):
-            client.upload_file(os.path.join(directory, name), BUCKET, f'{prefix}/{name}')
-    return f's3://{BUCKET}/{prefix}'
-
-
 def test_read_range_equals_the_local_bytes_and_a_server_without_range_is_named(rd, s3, web):
     name = os.path.basename(rd['dir'])
     with open(os.path.join(rd['dir'], '000001.tar'), 'rb') as f:
@@ -231,7 +220,7 @@ def test_mixing_epochs_from_s3_and_http_equal_local(s3, tmp_path, monkeypatch):
     from tests.reinforce.test_mixing import _loader as mix_loader
     from tests.reinforce.test_mixing import make_mixing
     mixed = make_mixing(str(tmp_path / 'mix'), num_images=30, shard_size=8)
-    urls = [_upload(mixed['dir'], 'mixing/rd')]
+    urls = [upload_folder(mixed['dir'], f's3://{BUCKET}/mixing/rd')]
     ranged = []
     read_range = storage.read_range
     monkeypatch.setattr(storage, 'read_range', lambda *a: ranged.append(a) or read_range(*a))
@@ -301,7 +290,7 @@ def test_import_from_http_then_show_and_train_from_s3_and_http_equal_local(s3, t
     with open(tmp_path / 'web' / 'rd' / 'reinforce.json') as f:
         assert json.load(f)['imported_from']['rdata'] == archive  # the URL, not a temporary download
     local = _show_npz(str(tmp_path / 'local'), tmp_path / 'local.npz')
-    s3_url = _upload(str(tmp_path / 'local'), 'imported/rd')
+    s3_url = upload_folder(str(tmp_path / 'local'), f's3://{BUCKET}/imported/rd')
     with http_server(str(tmp_path / 'web')) as base:
         for url in (s3_url, f'{base}/rd'):
             remote = _show_npz(url, tmp_path / 'remote.npz')
